@@ -31,12 +31,10 @@ direct)
     ;;
 uefi)
     [[ $# -eq 0 ]] || { echo "qemu-boot.sh: uefi boots the command line sealed in the UKI; no kernel arguments" >&2; exit 2; }
-    vars=$(mktemp --tmpdir spotinit-ovmf-vars.XXXXXX)
-    trap 'rm -f "$vars"' EXIT
-    cp /usr/share/OVMF/OVMF_VARS_4M.fd "$vars"
+    # snapshot=on: QEMU writes the UEFI variables to a throwaway overlay, never to the system file.
     args+=(
         -drive "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
-        -drive "if=pflash,format=raw,file=$vars"
+        -drive "if=pflash,format=raw,snapshot=on,file=/usr/share/OVMF/OVMF_VARS_4M.fd"
     )
     ;;
 *)
@@ -46,4 +44,4 @@ uefi)
 esac
 
 # shellcheck disable=SC2086 # QEMU_EXTRA is a list of arguments on purpose
-qemu-system-x86_64 "${args[@]}" ${QEMU_EXTRA:-}
+exec qemu-system-x86_64 "${args[@]}" ${QEMU_EXTRA:-}
