@@ -101,9 +101,9 @@ image_id=$image_id
 EOF
 printf 'IMAGE_ID=spotinit\nIMAGE_VERSION=%s\n' "$image_id" >>"$root/usr/lib/os-release"
 
-log "root: mkfs.erofs -zlz4hc ($(du -sh --apparent-size "$root" | cut -f1) uncompressed)"
+log "root: mkfs.erofs -zlz4hc,6 -C65536 ($(du -sh --apparent-size "$root" | cut -f1) uncompressed)"
 rm -f "$work/root.erofs"
-mkfs.erofs --quiet -zlz4hc -C65536 ${SOURCE_DATE_EPOCH:+-T "$SOURCE_DATE_EPOCH"} "$work/root.erofs" "$root"
+mkfs.erofs --quiet -zlz4hc,6 -C65536 ${SOURCE_DATE_EPOCH:+-T "$SOURCE_DATE_EPOCH"} "$work/root.erofs" "$root"
 
 # --- 3. boot: kernel, initrd, command line, UKI, ESP, disk ----------------------------------------
 log "boot: initrd, UKI, ESP"
