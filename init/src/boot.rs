@@ -1,0 +1,395 @@
+//! The boot, top to bottom. Each phase is logged with its duration; the first failure stops the
+//! boot before Docker starts. What the phases achieved is kept in [`BootState`], so a shutdown
+//! that interrupts the boot (a spot notice, the power button) undoes exactly that.
+
+use crate::cloud::{CloudError, Identity, Metadata};
+use crate::config::{Config, ConfigError, VolumeMode, IMAGE_CONFIG};
+use crate::console::{human, uptime};
+use crate::retry::{Attempt, Retry};
+use crate::services::{docker, Supervisor};
+use crate::shutdown::Request;
+use crate::sys::{Paths, System};
+use crate::volume::{self, Mounted, VolumeError, VolumePhase};
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Where spotinit runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 of our image: everything from the early mounts to power-off.
+    Pid1,
+    /// A service under another init (Ubuntu, Amazon Linux): configuration, volume and, if
+    /// enabled, Docker; no mounts of its own, no network, no power-off.
+    Service,
+}
+
+/// What every phase shares.
+pub struct Machine<S: System> {
+    pub sys: Arc<S>,
+    pub paths: Paths,
+    pub mode: Mode,
+    pub supervisor: Supervisor,
+    /// Shutdown requests (signals, power button, spot notice) go here.
+    pub requests: mpsc::UnboundedSender<Request>,
+    /// Mounts made by the early phase, undone in reverse at shutdown.
+    pub early_mounts: Mutex<Vec<PathBuf>>,
+}
+
+impl<S: System> Machine<S> {
+    pub fn new(sys: Arc<S>, paths: Paths, mode: Mode) -> (Self, mpsc::UnboundedReceiver<Request>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let supervisor = Supervisor::start(sys.clone());
+        (
+            Machine {
+                sys,
+                paths,
+                mode,
+                supervisor,
+                requests: tx,
+                early_mounts: Mutex::new(Vec::new()),
+            },
+            rx,
+        )
+    }
+}
+
+/// The cloud side of the boot: production talks to IMDS and EC2; tests plug in fakes.
+pub trait Platform {
+    type Meta: Metadata + Clone;
+    type Volume: VolumePhase;
+    fn metadata(&self, endpoint: Option<&str>) -> Result<Self::Meta, CloudError>;
+    fn volume(
+        &self,
+        cfg: &Config,
+        identity: &Identity,
+        meta: &Self::Meta,
+    ) -> Result<Self::Volume, String>;
+    /// Starts watching for spot notices (and other instance events) once IMDS is known.
+    fn watch(&self, cfg: &Config, meta: &Self::Meta, requests: mpsc::UnboundedSender<Request>);
+}
+
+/// What the boot got done, for the shutdown.
+pub struct BootState<P: Platform> {
+    pub config: Option<Config>,
+    pub identity: Option<Identity>,
+    pub metadata: Option<P::Meta>,
+    pub volume: Option<P::Volume>,
+    pub mounted: Option<Mounted>,
+    pub docker_started: bool,
+    pub ready: bool,
+}
+
+impl<P: Platform> Default for BootState<P> {
+    fn default() -> Self {
+        BootState {
+            config: None,
+            identity: None,
+            metadata: None,
+            volume: None,
+            mounted: None,
+            docker_started: false,
+            ready: false,
+        }
+    }
+}
+
+/// Why the boot stopped before Docker.
+#[derive(Debug)]
+pub enum BootError {
+    Config(Vec<ConfigError>),
+    Volume(VolumeError),
+    Phase {
+        phase: &'static str,
+        message: String,
+    },
+}
+
+impl fmt::Display for BootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootError::Config(errors) => {
+                write!(f, "invalid configuration:")?;
+                for e in errors {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
+            BootError::Volume(e) => write!(f, "{e}"),
+            BootError::Phase { phase, message } => write!(f, "{phase}: {message}"),
+        }
+    }
+}
+
+/// Runs one phase: logs its start only if it is slow to matter, and always its end and duration.
+async fn phase<T, E, F>(name: &'static str, f: F) -> Result<T, BootError>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<PhaseFailure>,
+{
+    let start = Instant::now();
+    match f.await {
+        Ok(v) => {
+            crate::log!("phase {name}: done in {}", human(start.elapsed()));
+            Ok(v)
+        }
+        Err(e) => {
+            let e = match e.into() {
+                PhaseFailure::Message(message) => BootError::Phase {
+                    phase: name,
+                    message,
+                },
+                PhaseFailure::Boot(b) => b,
+            };
+            crate::log!("phase {name}: FAILED after {}", human(start.elapsed()));
+            Err(e)
+        }
+    }
+}
+
+/// A phase fails with a message, or with a typed boot error.
+pub enum PhaseFailure {
+    Message(String),
+    Boot(BootError),
+}
+
+impl From<String> for PhaseFailure {
+    fn from(s: String) -> Self {
+        PhaseFailure::Message(s)
+    }
+}
+
+impl From<BootError> for PhaseFailure {
+    fn from(b: BootError) -> Self {
+        PhaseFailure::Boot(b)
+    }
+}
+
+/// The boot sequence.
+pub async fn boot<S: System, P: Platform>(
+    m: &Machine<S>,
+    platform: &P,
+    st: &mut BootState<P>,
+) -> Result<(), BootError> {
+    let sys = &*m.sys;
+    let paths = &m.paths;
+    let pid1 = m.mode == Mode::Pid1;
+    let started = Instant::now();
+    crate::log!("{}", crate::host::version_line(paths));
+    crate::log!(
+        "starting as {} at {} since power-on",
+        if pid1 { "PID 1" } else { "a service" },
+        human(uptime())
+    );
+
+    if pid1 {
+        let made = phase("early mounts", async {
+            crate::host::early_mounts(sys, paths)
+        })
+        .await?;
+        m.early_mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(made);
+    }
+
+    // The command line and the image's file first: they say where IMDS is and how to
+    // bring the network up. User data joins them in the configuration phase.
+    let cmdline = std::fs::read_to_string(paths.p("/proc/cmdline")).unwrap_or_default();
+    let image_file = std::fs::read_to_string(paths.p(IMAGE_CONFIG)).ok();
+    let early = Config::load(&cmdline, None, image_file.as_deref()).map_err(BootError::Config)?;
+
+    if pid1 {
+        phase("hostname and loopback", async {
+            sys.set_hostname(early.hostname.as_deref().unwrap_or("spotinit"))
+                .map_err(|e| e.to_string())?;
+            sys.interface_up("lo").map_err(|e| e.to_string())
+        })
+        .await?;
+        let modules = phase("kernel modules", crate::host::load_modules(sys, paths)).await?;
+        crate::log!("modules: {modules}");
+        // evdev is loaded now, so the ACPI power button (EC2 stop/terminate) can be read.
+        let buttons = crate::power::listen_power_button(paths, m.requests.clone());
+        if buttons == 0 {
+            crate::log!("power button: none found; stop and terminate still work through ACPI signals only if the kernel forwards them");
+        }
+        let net = phase(
+            "network",
+            crate::host::network(
+                sys,
+                paths,
+                &m.supervisor,
+                early.network.interface.as_deref(),
+                Duration::from_secs(early.network.dhcp_timeout_secs),
+            ),
+        )
+        .await?;
+        crate::log!("network: {net}");
+    }
+
+    let (config, identity, meta) = phase("configuration", async {
+        let meta = platform
+            .metadata(early.imds_endpoint.as_deref())
+            .map_err(|e| e.to_string())?;
+        let identity = imds_retry("instance identity", || meta.identity()).await?;
+        let user_data = imds_retry("user data", || meta.user_data()).await?;
+        let config = Config::load(&cmdline, user_data.as_deref(), image_file.as_deref())
+            .map_err(BootError::Config)?;
+        Ok::<_, PhaseFailure>((config, identity, meta))
+    })
+    .await?;
+    crate::log!(
+        "instance {} ({}) in {}; {}",
+        identity.instance_id,
+        identity.instance_type,
+        identity.zone,
+        config.summary()
+    );
+    if pid1 {
+        let hostname = match &config.hostname {
+            Some(h) => h.clone(),
+            None => meta
+                .local_hostname()
+                .await
+                .ok()
+                .flatten()
+                .and_then(|h| h.split('.').next().map(str::to_string))
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| identity.instance_id.clone()),
+        };
+        if let Err(e) = sys.set_hostname(&hostname) {
+            crate::log!("hostname {hostname}: {e}");
+        }
+    }
+    platform.watch(&config, &meta, m.requests.clone());
+    st.identity = Some(identity.clone());
+    st.metadata = Some(meta.clone());
+    st.config = Some(config.clone());
+
+    match config.volume.mode {
+        VolumeMode::None => crate::log!(
+            "volume: volume.mode = none: Docker's state is on tmpfs and is LOST with this instance"
+        ),
+        VolumeMode::Docker | VolumeMode::PersistedRoot => {
+            if st.volume.is_none() {
+                st.volume = Some(platform.volume(&config, &identity, &meta).map_err(
+                    |message| BootError::Phase {
+                        phase: "volume",
+                        message,
+                    },
+                )?);
+            }
+            let vol = st.volume.as_mut().expect("set above");
+            let mounted = phase("volume", acquire_with_retries(vol, &config)).await?;
+            st.mounted = Some(mounted);
+        }
+    }
+
+    if !config.docker.enabled {
+        crate::log!("docker: docker.enabled = false; not starting containerd and dockerd");
+    } else {
+        // The golden rule, in one place: Docker starts only on the state volume it just
+        // verified (or on tmpfs when the user chose volume.mode = none).
+        if let Some(mounted) = &st.mounted {
+            volume::verify_docker_state(paths, mounted, &config.docker.storage_driver).map_err(
+                |message| BootError::Phase {
+                    phase: "docker state check",
+                    message: format!(
+                        "{message}; refusing to start Docker on anything but the state volume"
+                    ),
+                },
+            )?;
+        }
+        st.docker_started = true;
+        phase("containerd", async {
+            m.supervisor.launch(docker::containerd(paths)).await?;
+            docker::wait_for_socket(
+                &paths.p(docker::CONTAINERD_SOCKET),
+                Duration::from_secs(config.docker.start_timeout_secs),
+            )
+            .await
+        })
+        .await?;
+        phase("dockerd", async {
+            docker::write_daemon_json(paths, &config.docker).map_err(|e| e.to_string())?;
+            m.supervisor
+                .launch(docker::dockerd(paths, &config.docker))
+                .await?;
+            docker::wait_for_ping(
+                &paths.p(docker::DOCKER_SOCKET),
+                Duration::from_secs(config.docker.start_timeout_secs),
+            )
+            .await
+        })
+        .await?;
+    }
+    st.ready = true;
+    crate::log!(
+        "ready in {} since power-on (spotinit's part {})",
+        human(uptime()),
+        human(started.elapsed())
+    );
+    Ok(())
+}
+
+/// IMDS right after the network came up can be briefly unreachable: retry for a minute.
+async fn imds_retry<T, F, Fut>(what: &str, f: F) -> Result<T, PhaseFailure>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, CloudError>>,
+{
+    Retry::new(format!("IMDS {what}"))
+        .every(Duration::from_millis(500))
+        .max_delay(Duration::from_secs(5))
+        .for_at_most(Duration::from_secs(60))
+        .run(|_| {
+            let fut = f();
+            async move {
+                fut.await.map_err(|e| {
+                    if e.is_retryable() {
+                        Attempt::Retry(e)
+                    } else {
+                        Attempt::Fail(e)
+                    }
+                })
+            }
+        })
+        .await
+        .map_err(|e| {
+            PhaseFailure::Message(format!("cannot read {what} from IMDS: {}", e.into_inner()))
+        })
+}
+
+/// The volume phase with the failure policy's retries: a failure that may pass (a holder
+/// draining, EC2 throttling) is retried every `retry_interval_secs` for `retry_for_secs`.
+async fn acquire_with_retries<V: VolumePhase>(
+    vol: &mut V,
+    config: &Config,
+) -> Result<Mounted, BootError> {
+    let interval = Duration::from_secs(config.failure.retry_interval_secs);
+    let retry_for = Duration::from_secs(config.failure.retry_for_secs);
+    let start = Instant::now();
+    loop {
+        match vol.acquire().await {
+            Ok(m) => return Ok(m),
+            Err(e) if e.retryable() && start.elapsed() + interval <= retry_for => {
+                crate::log!("volume: {e}");
+                crate::log!(
+                    "volume: trying again in {} ({} left of failure.retry_for_secs); Docker stays stopped meanwhile",
+                    human(interval),
+                    human(retry_for.saturating_sub(start.elapsed()))
+                );
+                tokio::time::sleep(interval).await;
+            }
+            Err(e) => return Err(BootError::Volume(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "boot_tests.rs"]
+mod tests;

@@ -1,0 +1,425 @@
+//! The boot and the drain, end to end against the recording fake system and a fake cloud: the
+//! order of the phases, the golden rule, interruption, and the shutdown order.
+
+use super::*;
+use crate::cloud::SpotAction;
+use crate::run::serve;
+use crate::shutdown::{drain, Then};
+use crate::sys::fake::{Behavior, FakeSystem};
+use crate::volume::layout::{self, Record};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone)]
+struct FakeMeta {
+    user_data: Option<String>,
+}
+
+impl Metadata for FakeMeta {
+    async fn identity(&self) -> Result<Identity, CloudError> {
+        Ok(Identity {
+            instance_id: "i-0123456789abcdef0".into(),
+            region: "us-east-1".into(),
+            zone: "us-east-1a".into(),
+            account_id: "123456789012".into(),
+            instance_type: "t3.small".into(),
+            image_id: "ami-03cf127a".into(),
+        })
+    }
+    async fn local_hostname(&self) -> Result<Option<String>, CloudError> {
+        Ok(Some("ip-10-0-2-15.ec2.internal".into()))
+    }
+    async fn user_data(&self) -> Result<Option<String>, CloudError> {
+        Ok(self.user_data.clone())
+    }
+    async fn spot_action(&self) -> Result<Option<SpotAction>, CloudError> {
+        Ok(None)
+    }
+    async fn rebalance(&self) -> Result<Option<String>, CloudError> {
+        Ok(None)
+    }
+}
+
+/// What the fake volume does on acquire.
+#[derive(Clone, Copy)]
+enum Script {
+    Mount,
+    /// Fail this many times with a retryable error, then mount.
+    FlakyThenMount(usize),
+    FailForeign,
+    /// Never finish (so a shutdown request interrupts the boot).
+    Hang,
+    /// Claim success without binding /var/lib/docker (a broken volume phase).
+    MountWithoutBinds,
+}
+
+struct FakeVolume {
+    fake: FakeSystem,
+    root: PathBuf,
+    script: Script,
+    tries: Arc<AtomicUsize>,
+    /// (op index when it happened, what)
+    log: Arc<Mutex<Vec<(usize, &'static str)>>>,
+}
+
+impl FakeVolume {
+    fn note(&self, what: &'static str) {
+        self.log.lock().unwrap().push((self.fake.ops().len(), what));
+    }
+
+    /// Writes the record and the mountinfo lines the golden-rule check reads.
+    fn mount(&self, binds: bool) -> Mounted {
+        let paths = Paths::under(&self.root);
+        let record = Record {
+            format: 1,
+            volume_id: "vol-0aaaaaaaaaaaaaaaa".into(),
+            storage_driver: "overlay2".into(),
+            last_instance: "i-0123456789abcdef0".into(),
+            boot_count: 1,
+            ..Record::default()
+        };
+        layout::write_record(&paths, &record).unwrap();
+        let vm = self.root.join("run/spotinit/volume");
+        let mut info = format!("40 1 259:5 / {} rw - ext4 /dev/nvme1n1 rw\n", vm.display());
+        if binds {
+            for (dir, target) in layout::BINDS {
+                info.push_str(&format!(
+                    "41 1 259:5 /{dir} {} rw - ext4 /dev/nvme1n1 rw\n",
+                    paths.p(target).display()
+                ));
+            }
+        }
+        std::fs::create_dir_all(self.root.join("proc/self")).unwrap();
+        std::fs::write(self.root.join("proc/self/mountinfo"), info).unwrap();
+        Mounted {
+            volume_id: record.volume_id.clone(),
+            device: PathBuf::from("/dev/nvme1n1"),
+            record,
+        }
+    }
+}
+
+impl VolumePhase for FakeVolume {
+    async fn acquire(&mut self) -> Result<Mounted, VolumeError> {
+        self.note("volume acquire");
+        let n = self.tries.fetch_add(1, Ordering::SeqCst);
+        match self.script {
+            Script::Mount => Ok(self.mount(true)),
+            Script::MountWithoutBinds => Ok(self.mount(false)),
+            Script::FlakyThenMount(k) if n < k => Err(VolumeError::HeldByRunning {
+                volume: "vol-0aaaaaaaaaaaaaaaa".into(),
+                holder: "i-0other".into(),
+                state: "running".into(),
+            }),
+            Script::FlakyThenMount(_) => Ok(self.mount(true)),
+            Script::FailForeign => Err(VolumeError::ForeignData {
+                volume: "vol-0aaaaaaaaaaaaaaaa".into(),
+                device: "/dev/nvme1n1".into(),
+                found: "a xfs signature".into(),
+            }),
+            Script::Hang => std::future::pending().await,
+        }
+    }
+    async fn release(&mut self) -> Result<(), VolumeError> {
+        self.note("volume release");
+        Ok(())
+    }
+}
+
+struct FakeCloud {
+    fake: FakeSystem,
+    root: PathBuf,
+    user_data: Option<String>,
+    script: Script,
+    tries: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<(usize, &'static str)>>>,
+}
+
+impl Platform for FakeCloud {
+    type Meta = FakeMeta;
+    type Volume = FakeVolume;
+    fn metadata(&self, _: Option<&str>) -> Result<FakeMeta, CloudError> {
+        Ok(FakeMeta {
+            user_data: self.user_data.clone(),
+        })
+    }
+    fn volume(&self, _: &Config, _: &Identity, _: &FakeMeta) -> Result<FakeVolume, String> {
+        Ok(FakeVolume {
+            fake: self.fake.clone(),
+            root: self.root.clone(),
+            script: self.script,
+            tries: self.tries.clone(),
+            log: self.log.clone(),
+        })
+    }
+    fn watch(&self, _: &Config, _: &FakeMeta, _: mpsc::UnboundedSender<Request>) {}
+}
+
+/// A temp root with what the boot reads, and fake daemons that open their sockets when
+/// "spawned".
+fn world(name: &str, user_data: Option<&str>, script: Script) -> (FakeSystem, FakeCloud, PathBuf) {
+    let root = std::env::temp_dir().join(format!("sb-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("proc")).unwrap();
+    std::fs::write(root.join("proc/cmdline"), "console=ttyS0 quiet\n").unwrap();
+    std::fs::create_dir_all(root.join("sys/class/net/eth0/device")).unwrap();
+    std::fs::create_dir_all(root.join("sys/class/net/lo")).unwrap();
+    let fake = FakeSystem::new(&root);
+    for daemon in ["containerd", "dockerd", "busybox"] {
+        fake.behave(daemon, Behavior::Run);
+    }
+    let lease = root.join("run/spotinit/dhcp-eth0.env");
+    fake.on_spawn("busybox", move |_| {
+        std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+        std::fs::write(&lease, "ip=10.0.2.15\nprefix=24\nrouter=10.0.2.2\n").unwrap();
+    });
+    let csock = root.join("run/containerd/containerd.sock");
+    fake.on_spawn("containerd", move |_| serve_socket(&csock, false));
+    let dsock = root.join("run/docker.sock");
+    fake.on_spawn("dockerd", move |_| serve_socket(&dsock, true));
+    let cloud = FakeCloud {
+        fake: fake.clone(),
+        root: root.clone(),
+        user_data: user_data.map(str::to_string),
+        script,
+        tries: Arc::new(AtomicUsize::new(0)),
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    (fake, cloud, root)
+}
+
+fn serve_socket(path: &Path, engine_api: bool) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            if engine_api {
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let body = if req.starts_with("GET /containers/json") {
+                    "[]"
+                } else {
+                    "OK"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.0 200 OK\r\n\r\n{body}").as_bytes())
+                    .await;
+            }
+        }
+    });
+}
+
+fn index_of(briefs: &[String], what: &str) -> usize {
+    briefs
+        .iter()
+        .position(|b| b == what)
+        .unwrap_or_else(|| panic!("{what} not in {briefs:#?}"))
+}
+
+#[tokio::test]
+async fn boot_runs_the_phases_in_order_and_docker_starts_last() {
+    let (fake, cloud, root) = world("order", Some("[volume]\nsize_gib = 30\n"), Script::Mount);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    assert!(st.ready && st.docker_started);
+    assert_eq!(st.config.as_ref().unwrap().volume.size_gib, 30);
+
+    let b = fake.briefs();
+    assert_eq!(
+        &b[..10],
+        &[
+            "mount proc /proc",
+            "mount sysfs /sys",
+            "mount devtmpfs /dev",
+            "mount devpts /dev/pts",
+            "mount tmpfs /dev/shm",
+            "mount tmpfs /run",
+            "mount tmpfs /tmp",
+            "mount tmpfs /var",
+            "mount tmpfs /etc/docker",
+            "mount cgroup2 /sys/fs/cgroup",
+        ]
+    );
+    let order = [
+        "hostname spotinit",
+        "up lo",
+        "spawn modprobe",
+        "up eth0",
+        "spawn busybox",
+        "hostname ip-10-0-2-15",
+        "spawn containerd",
+        "spawn dockerd",
+    ];
+    let idx: Vec<usize> = order.iter().map(|w| index_of(&b, w)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{b:#?}");
+    let acquire_at = cloud.log.lock().unwrap()[0].0;
+    assert!(acquire_at > index_of(&b, "hostname ip-10-0-2-15"));
+    assert!(acquire_at <= index_of(&b, "spawn containerd"));
+    // daemon.json went where dockerd reads it, with the configured driver.
+    let dj: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("run/spotinit/daemon.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dj["storage-driver"], "overlay2");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn a_volume_failure_never_starts_docker() {
+    let (fake, cloud, root) = world("foreign", None, Script::FailForeign);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    let e = boot(&m, &cloud, &mut st).await.unwrap_err();
+    assert!(e.to_string().contains("never formats"), "{e}");
+    let b = fake.briefs();
+    assert!(
+        !b.iter()
+            .any(|x| x == "spawn containerd" || x == "spawn dockerd"),
+        "{b:#?}"
+    );
+    assert!(!st.docker_started);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn docker_does_not_start_when_the_binds_are_missing() {
+    let (fake, cloud, root) = world("nobinds", None, Script::MountWithoutBinds);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    let e = boot(&m, &cloud, &mut st).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("docker state check") && msg.contains("/var/lib/docker is not mounted"),
+        "{msg}"
+    );
+    assert!(!fake.briefs().iter().any(|x| x == "spawn containerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn invalid_user_data_names_the_key_and_never_starts_docker() {
+    let (fake, cloud, root) = world("baduser", Some("[volume]\nsise_gib = 3\n"), Script::Mount);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    let e = boot(&m, &cloud, &mut st).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("user data, line 2") && msg.contains("sise_gib"),
+        "{msg}"
+    );
+    assert!(
+        cloud.log.lock().unwrap().is_empty(),
+        "the volume phase must not run"
+    );
+    assert!(!fake.briefs().iter().any(|x| x == "spawn containerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_volume_held_elsewhere_is_retried_per_the_failure_policy() {
+    let ud = "[failure]\nretry_interval_secs = 5\nretry_for_secs = 60\n";
+    let (fake, cloud, root) = world("retry", Some(ud), Script::FlakyThenMount(2));
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    assert_eq!(cloud.tries.load(Ordering::SeqCst), 3);
+    assert!(fake.briefs().iter().any(|x| x == "spawn dockerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_volume_held_too_long_gives_up_without_docker() {
+    let ud = "[failure]\nretry_interval_secs = 5\nretry_for_secs = 12\n";
+    let (fake, cloud, root) = world("giveup", Some(ud), Script::FlakyThenMount(100));
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    let e = boot(&m, &cloud, &mut st).await.unwrap_err();
+    assert!(e.to_string().contains("i-0other"), "{e}");
+    assert_eq!(cloud.tries.load(Ordering::SeqCst), 3);
+    assert!(!fake.briefs().iter().any(|x| x == "spawn containerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn the_drain_stops_docker_then_containerd_then_the_rest_then_releases_and_unmounts() {
+    let (fake, cloud, root) = world("drain", None, Script::Mount);
+    let (m, mut rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    m.requests
+        .send(Request::new("test", Then::PowerOff))
+        .unwrap();
+    let req = rx.recv().await.unwrap();
+    let before = fake.ops().len();
+    drain(&m, &mut st, &req).await;
+    let b: Vec<String> = fake.briefs()[before..].to_vec();
+    let want = [
+        "kill dockerd SIGTERM",
+        "kill containerd SIGTERM",
+        "kill busybox SIGTERM",
+        "sync",
+    ];
+    let idx: Vec<usize> = want.iter().map(|w| index_of(&b, w)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{b:#?}");
+    let released_at = cloud.log.lock().unwrap().last().unwrap().0 - before;
+    assert!(released_at > idx[3], "volume released after sync");
+    let umounts: Vec<&String> = b.iter().filter(|x| x.starts_with("umount")).collect();
+    assert_eq!(
+        umounts.first().map(|s| s.as_str()),
+        Some("umount /sys/fs/cgroup")
+    );
+    assert_eq!(umounts.last().map(|s| s.as_str()), Some("umount /proc"));
+    assert!(index_of(&b, "umount /proc") > released_at);
+    assert!(fake.running().is_empty(), "{:?}", fake.running());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn a_request_during_the_volume_phase_interrupts_the_boot_and_releases_the_volume() {
+    let (fake, cloud, root) = world("interrupt", None, Script::Hang);
+    let (m, mut rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let tx = m.requests.clone();
+    let log = cloud.log.clone();
+    tokio::spawn(async move {
+        // Post the "spot notice" once the volume phase is under way.
+        while log.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = tx.send(Request::new("spot interruption notice", Then::Wait));
+    });
+    let then = serve(&m, &cloud, &mut rx).await;
+    assert_eq!(then, Then::Wait);
+    let notes: Vec<&str> = cloud.log.lock().unwrap().iter().map(|(_, w)| *w).collect();
+    assert_eq!(notes, vec!["volume acquire", "volume release"]);
+    let b = fake.briefs();
+    assert!(!b.iter().any(|x| x == "spawn containerd"), "{b:#?}");
+    assert!(b.iter().any(|x| x == "kill busybox SIGTERM"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn service_mode_makes_no_mounts_and_never_powers_off() {
+    let (fake, cloud, root) = world("service", None, Script::Mount);
+    let (m, mut rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Service);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    m.requests
+        .send(Request::new("SIGTERM", Then::Exit))
+        .unwrap();
+    let req = rx.recv().await.unwrap();
+    drain(&m, &mut st, &req).await;
+    let b = fake.briefs();
+    assert!(
+        !b.iter().any(|x| x.starts_with("mount ")
+            || x.starts_with("hostname")
+            || x.starts_with("kill-all")),
+        "{b:#?}"
+    );
+    assert!(!b.iter().any(|x| x.starts_with("power")));
+    assert!(b.iter().any(|x| x == "spawn dockerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -1,0 +1,491 @@
+//! The EC2 calls spotinit makes, on aws-sdk-ec2. The SDK's own retries are off: callers retry
+//! with [`crate::retry::Retry`] so every retry shows on the console and policy lives in one place.
+
+use super::{
+    Attachment, CloudError, Ec2, ErrorKind, InstanceInfo, NewVolume, SnapshotInfo, VolumeInfo,
+};
+use aws_sdk_ec2::config::{BehaviorVersion, Region, SharedCredentialsProvider};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// tokio's timer for the SDK (default features are off, so we hand it over ourselves).
+#[derive(Debug, Clone, Copy)]
+pub struct TokioSleep;
+
+impl aws_sdk_ec2::config::AsyncSleep for TokioSleep {
+    fn sleep(&self, d: Duration) -> aws_sdk_ec2::config::Sleep {
+        aws_sdk_ec2::config::Sleep::new(tokio::time::sleep(d))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Ec2Client {
+    client: aws_sdk_ec2::Client,
+}
+
+/// The endpoint to use: the configuration key, else the standard `AWS_ENDPOINT_URL_EC2`, else
+/// `AWS_ENDPOINT_URL`, else the SDK's regional endpoint. (The kernel passes unknown
+/// `NAME=value` words of its command line to PID 1 as environment variables.)
+pub fn endpoint(configured: Option<&str>) -> Option<String> {
+    configured
+        .map(str::to_string)
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL_EC2").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+        .filter(|s| !s.is_empty())
+}
+
+impl Ec2Client {
+    /// A client signing with `credentials` (the instance role through IMDS in production).
+    pub fn new(
+        region: &str,
+        endpoint: Option<&str>,
+        credentials: SharedCredentialsProvider,
+    ) -> Self {
+        let timeouts = aws_smithy_types::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .operation_attempt_timeout(Duration::from_secs(30))
+            .build();
+        let mut b = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(region.to_string()))
+            .credentials_provider(credentials)
+            .http_client(super::imds::http_client())
+            .sleep_impl(TokioSleep)
+            .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some(ep) = endpoint {
+            b = b.endpoint_url(ep);
+        }
+        Ec2Client {
+            client: aws_sdk_ec2::Client::from_conf(b.build()),
+        }
+    }
+
+    /// Instance-role credentials served by IMDS.
+    pub fn with_instance_role(
+        region: &str,
+        endpoint: Option<&str>,
+        imds: &super::imds::Imds,
+    ) -> Self {
+        let provider = aws_config::imds::credentials::ImdsCredentialsProvider::builder()
+            .imds_client(imds.client().clone())
+            .build();
+        Self::new(region, endpoint, SharedCredentialsProvider::new(provider))
+    }
+}
+
+fn sdk_error<E>(
+    call: &'static str,
+    target: &str,
+    e: SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+) -> CloudError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    match &e {
+        SdkError::ServiceError(se) => CloudError::from_code(
+            call,
+            target,
+            se.err().code(),
+            se.err().message().unwrap_or("no message"),
+            status,
+        ),
+        _ => CloudError {
+            call,
+            target: target.into(),
+            kind: ErrorKind::Transient,
+            code: None,
+            message: super::imds::error_chain(&e),
+        },
+    }
+}
+
+fn tags_map(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_string(),
+                t.value().unwrap_or_default().to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn tag_filters(tags: &BTreeMap<String, String>) -> Vec<Filter> {
+    tags.iter()
+        .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+        .collect()
+}
+
+fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
+    VolumeInfo {
+        id: v.volume_id().unwrap_or_default().into(),
+        zone: v.availability_zone().unwrap_or_default().into(),
+        state: v
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        size_gib: v.size().unwrap_or_default().max(0) as u32,
+        volume_type: v
+            .volume_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        iops: v.iops().map(|i| i.max(0) as u32),
+        throughput_mibps: v.throughput().map(|i| i.max(0) as u32),
+        encrypted: v.encrypted().unwrap_or(false),
+        kms_key_id: v.kms_key_id().map(str::to_string),
+        snapshot_id: v
+            .snapshot_id()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        tags: tags_map(v.tags()),
+        attachments: v
+            .attachments()
+            .iter()
+            .map(|a| Attachment {
+                instance_id: a.instance_id().unwrap_or_default().into(),
+                device: a.device().unwrap_or_default().into(),
+                state: a
+                    .state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        id: s.snapshot_id().unwrap_or_default().into(),
+        volume_id: s.volume_id().unwrap_or_default().into(),
+        state: s
+            .state()
+            .map(|x| x.as_str().to_string())
+            .unwrap_or_default(),
+        progress: s.progress().unwrap_or_default().into(),
+        start_time: s
+            .start_time()
+            .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok())
+            .unwrap_or_default(),
+        tags: tags_map(s.tags()),
+    }
+}
+
+impl Ec2 for Ec2Client {
+    async fn describe_volume(&self, id: &str) -> Result<Option<VolumeInfo>, CloudError> {
+        match self.client.describe_volumes().volume_ids(id).send().await {
+            Ok(out) => Ok(out.volumes().first().map(volume_info)),
+            Err(e) => {
+                let e = sdk_error("DescribeVolumes", id, e);
+                if e.kind == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn find_volumes(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<VolumeInfo>, CloudError> {
+        let target = describe_tags(tags);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .describe_volumes()
+                .set_filters(Some(tag_filters(tags)))
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeVolumes", &target, e))?;
+            out.extend(page.volumes().iter().map(volume_info));
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        // Deleted volumes linger in DescribeVolumes for a while; they are not candidates.
+        out.retain(|v| v.state != "deleting" && v.state != "deleted");
+        Ok(out)
+    }
+
+    async fn create_volume(&self, v: &NewVolume) -> Result<VolumeInfo, CloudError> {
+        let target = format!("in {}", v.zone);
+        let mut req = self
+            .client
+            .create_volume()
+            .availability_zone(&v.zone)
+            .size(v.size_gib as i32)
+            .volume_type(VolumeType::from(v.volume_type.as_str()))
+            .encrypted(v.encrypted)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .set_tags(Some(tag_list(&v.tags)))
+                    .build(),
+            );
+        if let Some(i) = v.iops {
+            req = req.iops(i as i32);
+        }
+        if let Some(t) = v.throughput_mibps {
+            req = req.throughput(t as i32);
+        }
+        if let Some(k) = &v.kms_key_id {
+            req = req.kms_key_id(k);
+        }
+        if let Some(s) = &v.snapshot_id {
+            req = req.snapshot_id(s);
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| sdk_error("CreateVolume", &target, e))?;
+        Ok(VolumeInfo {
+            id: out.volume_id().unwrap_or_default().into(),
+            zone: out.availability_zone().unwrap_or_default().into(),
+            state: out
+                .state()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            size_gib: out.size().unwrap_or_default().max(0) as u32,
+            volume_type: out
+                .volume_type()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default(),
+            iops: out.iops().map(|i| i.max(0) as u32),
+            throughput_mibps: out.throughput().map(|i| i.max(0) as u32),
+            encrypted: out.encrypted().unwrap_or(false),
+            kms_key_id: out.kms_key_id().map(str::to_string),
+            snapshot_id: out
+                .snapshot_id()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+            tags: tags_map(out.tags()),
+            attachments: Vec::new(),
+        })
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<(), CloudError> {
+        self.client
+            .delete_volume()
+            .volume_id(id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("DeleteVolume", id, e))
+    }
+
+    async fn attach_volume(
+        &self,
+        volume: &str,
+        instance: &str,
+        device: &str,
+    ) -> Result<String, CloudError> {
+        self.client
+            .attach_volume()
+            .volume_id(volume)
+            .instance_id(instance)
+            .device(device)
+            .send()
+            .await
+            .map(|o| {
+                o.state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default()
+            })
+            .map_err(|e| sdk_error("AttachVolume", &format!("{volume} to {instance}"), e))
+    }
+
+    async fn detach_volume(
+        &self,
+        volume: &str,
+        instance: &str,
+        force: bool,
+    ) -> Result<String, CloudError> {
+        // Always name the instance: EC2 then refuses to detach the volume from anyone else.
+        self.client
+            .detach_volume()
+            .volume_id(volume)
+            .instance_id(instance)
+            .force(force)
+            .send()
+            .await
+            .map(|o| {
+                o.state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default()
+            })
+            .map_err(|e| sdk_error("DetachVolume", &format!("{volume} from {instance}"), e))
+    }
+
+    async fn describe_instance(&self, id: &str) -> Result<Option<InstanceInfo>, CloudError> {
+        match self
+            .client
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(id))
+                .map(|i| InstanceInfo {
+                    id: id.into(),
+                    state: i
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
+                    zone: i
+                        .placement()
+                        .and_then(|p| p.availability_zone())
+                        .unwrap_or_default()
+                        .into(),
+                })),
+            Err(e) => {
+                let e = sdk_error("DescribeInstances", id, e);
+                if e.kind == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn create_snapshot(
+        &self,
+        volume: &str,
+        description: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<String, CloudError> {
+        self.client
+            .create_snapshot()
+            .volume_id(volume)
+            .description(description)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(tag_list(tags)))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|o| o.snapshot_id().unwrap_or_default().to_string())
+            .map_err(|e| sdk_error("CreateSnapshot", volume, e))
+    }
+
+    async fn describe_snapshot(&self, id: &str) -> Result<Option<SnapshotInfo>, CloudError> {
+        match self
+            .client
+            .describe_snapshots()
+            .snapshot_ids(id)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.snapshots().first().map(snapshot_info)),
+            Err(e) => {
+                let e = sdk_error("DescribeSnapshots", id, e);
+                if e.kind == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn find_snapshots(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<SnapshotInfo>, CloudError> {
+        let target = describe_tags(tags);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .describe_snapshots()
+                .owner_ids("self")
+                .set_filters(Some(tag_filters(tags)))
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("DescribeSnapshots", &target, e))?;
+            out.extend(page.snapshots().iter().map(snapshot_info));
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<(), CloudError> {
+        self.client
+            .delete_snapshot()
+            .snapshot_id(id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("DeleteSnapshot", id, e))
+    }
+
+    async fn create_tags(
+        &self,
+        resource: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), CloudError> {
+        self.client
+            .create_tags()
+            .resources(resource)
+            .set_tags(Some(tag_list(tags)))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("CreateTags", resource, e))
+    }
+
+    async fn associate_address(
+        &self,
+        allocation_id: &str,
+        instance: &str,
+    ) -> Result<String, CloudError> {
+        self.client
+            .associate_address()
+            .allocation_id(allocation_id)
+            .instance_id(instance)
+            .allow_reassociation(true)
+            .send()
+            .await
+            .map(|o| o.association_id().unwrap_or_default().to_string())
+            .map_err(|e| {
+                sdk_error(
+                    "AssociateAddress",
+                    &format!("{allocation_id} to {instance}"),
+                    e,
+                )
+            })
+    }
+}
+
+/// `tagged Name=x,Env=y` for messages.
+pub fn describe_tags(tags: &BTreeMap<String, String>) -> String {
+    let t: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("tagged {}", t.join(","))
+}

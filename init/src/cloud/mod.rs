@@ -1,0 +1,286 @@
+//! The cloud, behind two small traits: [`Metadata`] (IMDSv2) and [`Ec2`] (the few EC2 calls we
+//! use). Only this module knows the AWS crates; everything above works on the plain types here.
+
+pub mod ec2;
+pub mod imds;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+
+/// Who and where this instance is, from the IMDS identity document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub instance_id: String,
+    pub region: String,
+    pub zone: String,
+    pub account_id: String,
+    pub instance_type: String,
+    pub image_id: String,
+}
+
+/// A spot interruption notice: what EC2 will do, and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpotAction {
+    /// terminate, stop or hibernate.
+    pub action: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+}
+
+pub trait Metadata: Send + Sync + 'static {
+    fn identity(&self) -> impl Future<Output = Result<Identity, CloudError>> + Send;
+    fn local_hostname(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// None when the instance was launched without user data.
+    fn user_data(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// None until EC2 posts an interruption notice.
+    fn spot_action(&self) -> impl Future<Output = Result<Option<SpotAction>, CloudError>> + Send;
+    /// The rebalance recommendation's notice time, once there is one.
+    fn rebalance(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachment {
+    pub instance_id: String,
+    pub device: String,
+    /// attaching, attached, detaching, detached, busy.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: String,
+    pub zone: String,
+    /// creating, available, in-use, deleting, deleted, error.
+    pub state: String,
+    pub size_gib: u32,
+    pub volume_type: String,
+    pub iops: Option<u32>,
+    pub throughput_mibps: Option<u32>,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub snapshot_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub attachments: Vec<Attachment>,
+}
+
+/// A volume to create (from scratch, or from a snapshot when `snapshot_id` is set).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewVolume {
+    pub zone: String,
+    pub size_gib: u32,
+    pub volume_type: String,
+    pub iops: Option<u32>,
+    pub throughput_mibps: Option<u32>,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub snapshot_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub id: String,
+    /// pending, running, shutting-down, terminated, stopping, stopped.
+    pub state: String,
+    pub zone: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub volume_id: String,
+    /// pending, completed, error.
+    pub state: String,
+    /// "42%".
+    pub progress: String,
+    /// RFC 3339.
+    pub start_time: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+pub trait Ec2: Send + Sync + 'static {
+    fn describe_volume(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<VolumeInfo>, CloudError>> + Send;
+    /// Volumes carrying all these tags.
+    fn find_volumes(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Vec<VolumeInfo>, CloudError>> + Send;
+    fn create_volume(
+        &self,
+        v: &NewVolume,
+    ) -> impl Future<Output = Result<VolumeInfo, CloudError>> + Send;
+    fn delete_volume(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Returns the attachment state EC2 answered with.
+    fn attach_volume(
+        &self,
+        volume: &str,
+        instance: &str,
+        device: &str,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    fn detach_volume(
+        &self,
+        volume: &str,
+        instance: &str,
+        force: bool,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    fn describe_instance(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<InstanceInfo>, CloudError>> + Send;
+    fn create_snapshot(
+        &self,
+        volume: &str,
+        description: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    fn describe_snapshot(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<SnapshotInfo>, CloudError>> + Send;
+    /// Our own snapshots carrying all these tags.
+    fn find_snapshots(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Vec<SnapshotInfo>, CloudError>> + Send;
+    fn delete_snapshot(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn create_tags(
+        &self,
+        resource: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn associate_address(
+        &self,
+        allocation_id: &str,
+        instance: &str,
+    ) -> impl Future<Output = Result<String, CloudError>> + Send;
+}
+
+/// What kind of failure a cloud call had, which decides whether to retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// RequestLimitExceeded / Throttling: retry with jittered backoff.
+    Throttled,
+    /// 5xx, timeouts, connection failures: retry.
+    Transient,
+    /// The role lacks the IAM permission for this call.
+    Unauthorized,
+    /// The resource does not exist.
+    NotFound,
+    /// VolumeInUse: attached elsewhere.
+    InUse,
+    /// IncorrectState / IncorrectInstanceState.
+    IncorrectState,
+    /// InvalidVolume.ZoneMismatch.
+    ZoneMismatch,
+    /// Anything else EC2 refused.
+    Refused,
+}
+
+/// A failed cloud call: which call, about what, EC2's code and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudError {
+    pub call: &'static str,
+    pub target: String,
+    pub kind: ErrorKind,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl CloudError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Throttled | ErrorKind::Transient)
+    }
+
+    /// Classifies an EC2 error code.
+    pub fn from_code(
+        call: &'static str,
+        target: impl Into<String>,
+        code: Option<&str>,
+        message: impl Into<String>,
+        http_status: Option<u16>,
+    ) -> Self {
+        let kind = match code.unwrap_or_default() {
+            "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled" => {
+                ErrorKind::Throttled
+            }
+            "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
+                ErrorKind::Transient
+            }
+            "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked" => {
+                ErrorKind::Unauthorized
+            }
+            "VolumeInUse" => ErrorKind::InUse,
+            "IncorrectState" | "IncorrectInstanceState" => ErrorKind::IncorrectState,
+            "InvalidVolume.ZoneMismatch" => ErrorKind::ZoneMismatch,
+            c if c.ends_with(".NotFound") || (c.ends_with(".Malformed") && c.contains("ID")) => {
+                ErrorKind::NotFound
+            }
+            _ if http_status.is_some_and(|s| s >= 500) => ErrorKind::Transient,
+            "" => ErrorKind::Transient,
+            _ => ErrorKind::Refused,
+        };
+        CloudError {
+            call,
+            target: target.into(),
+            kind,
+            code: code.map(str::to_string),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CloudError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.call, self.target)?;
+        match &self.code {
+            Some(c) => write!(f, ": {c}: {}", self.message)?,
+            None => write!(f, ": {}", self.message)?,
+        }
+        if self.kind == ErrorKind::Unauthorized {
+            write!(
+                f,
+                " (the instance role needs ec2:{} — see the IAM policy in the README)",
+                self.call
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CloudError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_classify() {
+        let k = |c: &str| CloudError::from_code("X", "t", Some(c), "m", Some(400)).kind;
+        assert_eq!(k("RequestLimitExceeded"), ErrorKind::Throttled);
+        assert_eq!(k("UnauthorizedOperation"), ErrorKind::Unauthorized);
+        assert_eq!(k("InvalidVolume.NotFound"), ErrorKind::NotFound);
+        assert_eq!(k("VolumeInUse"), ErrorKind::InUse);
+        assert_eq!(k("InvalidVolume.ZoneMismatch"), ErrorKind::ZoneMismatch);
+        assert_eq!(k("InvalidParameterValue"), ErrorKind::Refused);
+        let e = CloudError::from_code("X", "t", Some("Weird"), "m", Some(503));
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn unauthorized_names_the_iam_action() {
+        let e = CloudError::from_code(
+            "AttachVolume",
+            "vol-1",
+            Some("UnauthorizedOperation"),
+            "You are not authorized",
+            Some(403),
+        );
+        let s = e.to_string();
+        assert!(s.contains("ec2:AttachVolume"), "{s}");
+        assert!(s.contains("vol-1"), "{s}");
+    }
+}

@@ -1,0 +1,355 @@
+//! The machine-local steps of the boot: early mounts, hostname, loopback, kernel modules, and
+//! the network through a supervised DHCP client.
+
+use crate::services::{ServiceSpec, Supervisor};
+use crate::sys::{CommandSpec, MountSpec, MsFlags, Paths, System};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// (fstype, source, target, flags, data) of every mount PID 1 makes before anything else.
+pub fn early_mount_table() -> Vec<(
+    &'static str,
+    &'static str,
+    &'static str,
+    MsFlags,
+    &'static str,
+)> {
+    let nsd = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let nsde = nsd | MsFlags::MS_NOEXEC;
+    vec![
+        ("proc", "proc", "/proc", nsde, ""),
+        ("sysfs", "sysfs", "/sys", nsde, ""),
+        // The cloud kernel does not mount devtmpfs by itself (DEVTMPFS_MOUNT is off).
+        (
+            "devtmpfs",
+            "devtmpfs",
+            "/dev",
+            MsFlags::MS_NOSUID,
+            "mode=0755",
+        ),
+        (
+            "devpts",
+            "devpts",
+            "/dev/pts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            "gid=5,mode=0620,ptmxmode=0666",
+        ),
+        ("tmpfs", "tmpfs", "/dev/shm", nsd, "mode=1777"),
+        ("tmpfs", "tmpfs", "/run", nsd, "mode=0755"),
+        ("tmpfs", "tmpfs", "/tmp", nsd, "mode=1777"),
+        // The root is read-only: everything writable under /var is tmpfs until the volume
+        // is bound over /var/lib/docker and /var/lib/containerd.
+        ("tmpfs", "tmpfs", "/var", nsd, "mode=0755"),
+        // dockerd writes /etc/docker/key.json.
+        ("tmpfs", "tmpfs", "/etc/docker", nsd, "mode=0755"),
+        ("cgroup2", "cgroup2", "/sys/fs/cgroup", nsde, "nsdelegate"),
+    ]
+}
+
+/// Makes the early mounts (skipping any already there, e.g. left by an initrd), and the
+/// directories and links the read-only root cannot carry. Returns the mount points made.
+pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<PathBuf>, String> {
+    let mut made = Vec::new();
+    for (fstype, source, target, flags, data) in early_mount_table() {
+        let already: Vec<PathBuf> = crate::sys::mounts(paths)
+            .into_iter()
+            .map(|m| m.mount_point)
+            .collect();
+        let path = paths.p(target);
+        if already.contains(&path) {
+            continue;
+        }
+        let _ = std::fs::create_dir_all(&path);
+        sys.mount(&MountSpec::fs(fstype, source, path.clone(), flags, data))
+            .map_err(|e| e.to_string())?;
+        made.push(path);
+    }
+    let dirs = [
+        "/var/lib/docker",
+        "/var/lib/containerd",
+        "/var/log/spotinit",
+        "/var/tmp",
+        "/var/cache",
+        "/run/spotinit",
+        "/run/lock",
+    ];
+    for d in dirs {
+        std::fs::create_dir_all(paths.p(d)).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    let links = [
+        ("../run", "/var/run"),
+        ("../run/lock", "/var/lock"),
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ];
+    for (target, link) in links {
+        let l = paths.p(link);
+        if std::fs::symlink_metadata(&l).is_err() {
+            std::os::unix::fs::symlink(target, &l)
+                .map_err(|e| format!("ln -s {target} {link}: {e}"))?;
+        }
+    }
+    Ok(made)
+}
+
+/// Modaliases of every device the kernel found (what udev's coldplug would load drivers for).
+pub fn modaliases(paths: &Paths) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(buses) = std::fs::read_dir(paths.p("/sys/bus")) else {
+        return out;
+    };
+    for bus in buses.flatten() {
+        let Ok(devs) = std::fs::read_dir(bus.path().join("devices")) else {
+            continue;
+        };
+        for dev in devs.flatten() {
+            if let Ok(a) = std::fs::read_to_string(dev.path().join("modalias")) {
+                let a = a.trim();
+                if !a.is_empty() && !out.iter().any(|x| x == a) {
+                    out.push(a.to_string());
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Modules Docker asks for by name (the rest it gets through the kernel's request_module).
+pub const DOCKER_MODULES: [&str; 4] = ["overlay", "br_netfilter", "veth", "nf_conntrack"];
+
+/// Loads drivers for present devices (network, input for the power button, ...) and Docker's
+/// modules, in one modprobe run each. A module that is missing is not fatal here: Docker
+/// reports what it lacks.
+pub async fn load_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<String, String> {
+    let aliases = modaliases(paths);
+    let n = aliases.len();
+    if !aliases.is_empty() {
+        let cmd = CommandSpec::new("/usr/sbin/modprobe")
+            .args(["-a", "-b", "-q"])
+            .args(aliases);
+        if let Err(e) = crate::sys::run(sys, &cmd).await {
+            crate::log!("modules: some device drivers did not load: {e}");
+        }
+    }
+    let cmd = CommandSpec::new("/usr/sbin/modprobe")
+        .args(["-a", "-q"])
+        .args(DOCKER_MODULES);
+    if let Err(e) = crate::sys::run(sys, &cmd).await {
+        crate::log!("modules: {e}");
+    }
+    Ok(format!(
+        "{n} device aliases, plus {}",
+        DOCKER_MODULES.join(" ")
+    ))
+}
+
+/// The interface to configure: the configured one, else the first physical non-loopback one.
+pub fn pick_interface(paths: &Paths, configured: Option<&str>) -> Option<String> {
+    if let Some(i) = configured {
+        return paths
+            .p("/sys/class/net")
+            .join(i)
+            .exists()
+            .then(|| i.to_string());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(paths.p("/sys/class/net"))
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().join("device").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+pub const DHCP_SCRIPT: &str = "/usr/lib/spotinit/udhcpc.script";
+
+/// busybox udhcpc in the foreground, with only the capabilities a DHCP client needs.
+pub fn dhcp_client(iface: &str, paths: &Paths) -> ServiceSpec {
+    use caps::Capability::*;
+    ServiceSpec::new(
+        &format!("dhcp-{iface}"),
+        CommandSpec::new("/bin/busybox")
+            .args(["udhcpc", "-f", "-i", iface, "-s", DHCP_SCRIPT])
+            // Discover 5 times 2 s apart, then pause 5 s: never give up, never spin.
+            .args(["-t", "5", "-T", "2", "-A", "5", "-O", "mtu"])
+            .output(crate::services::docker::log_output(
+                paths,
+                &format!("dhcp-{iface}"),
+            ))
+            .keep_caps(vec![CAP_NET_ADMIN, CAP_NET_RAW, CAP_NET_BIND_SERVICE]),
+    )
+    .stop_timeout(Duration::from_secs(3))
+}
+
+/// The lease the DHCP hook script wrote: key=value lines.
+pub fn read_lease(path: &Path) -> Option<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+            .collect(),
+    )
+}
+
+/// Brings the network up: the interface (waiting for its driver), the DHCP client, the lease.
+pub async fn network<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+    supervisor: &Supervisor,
+    configured: Option<&str>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let start = Instant::now();
+    let iface = loop {
+        if let Some(i) = pick_interface(paths, configured) {
+            break i;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(match configured {
+                Some(i) => format!("network interface {i} (network.interface) does not exist"),
+                None => "no network interface appeared (is the NIC driver, e.g. ena or virtio_net, in the image?)".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sys.interface_up(&iface).map_err(|e| e.to_string())?;
+    let lease_file = paths.p("/run/spotinit").join(format!("dhcp-{iface}.env"));
+    let _ = std::fs::remove_file(&lease_file);
+    supervisor.launch(dhcp_client(&iface, paths)).await?;
+    loop {
+        if let Some(lease) = read_lease(&lease_file) {
+            let get = |k: &str| {
+                lease
+                    .iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            return Ok(format!(
+                "{iface} {}/{} via {} (DHCP)",
+                get("ip"),
+                get("prefix"),
+                get("router")
+            ));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "no DHCP lease on {iface} within {} (network.dhcp_timeout_secs); see /var/log/spotinit/dhcp-{iface}.log",
+                crate::console::human(timeout)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The image's version stamp, one line for the console.
+pub fn version_line(paths: &Paths) -> String {
+    let stamp = std::fs::read_to_string(paths.p("/usr/lib/spotinit/version")).unwrap_or_default();
+    let get = |k: &str| {
+        stamp
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or("?")
+            .to_string()
+    };
+    if stamp.is_empty() {
+        format!(
+            "spotinit {} (no image version stamp)",
+            env!("CARGO_PKG_VERSION")
+        )
+    } else {
+        format!(
+            "spotinit {} (git {}), image {} built {}: kernel {}, docker {}, containerd {}, runc {}",
+            env!("CARGO_PKG_VERSION"),
+            get("git_commit"),
+            get("image_id"),
+            get("build_date"),
+            get("kernel"),
+            get("docker"),
+            get("containerd"),
+            get("runc")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("spotinit-host-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn modaliases_are_collected_once() {
+        let root = tmp("alias");
+        for (bus, dev, alias) in [
+            ("pci", "0000:00:02.0", "pci:v00001AF4d00001000sv*"),
+            ("pci", "0000:00:03.0", "pci:v00001AF4d00001000sv*"),
+            ("acpi", "LNXPWRBN:00", "acpi:LNXPWRBN:"),
+        ] {
+            let d = root.join("sys/bus").join(bus).join("devices").join(dev);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("modalias"), format!("{alias}\n")).unwrap();
+        }
+        let a = modaliases(&Paths::under(&root));
+        assert_eq!(a, vec!["acpi:LNXPWRBN:", "pci:v00001AF4d00001000sv*"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn interface_is_the_first_physical_one() {
+        let root = tmp("net");
+        for (n, phys) in [
+            ("lo", false),
+            ("docker0", false),
+            ("eth1", true),
+            ("eth0", true),
+        ] {
+            let d = root.join("sys/class/net").join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            if phys {
+                std::fs::create_dir_all(d.join("device")).unwrap();
+            }
+        }
+        let p = Paths::under(&root);
+        assert_eq!(pick_interface(&p, None).as_deref(), Some("eth0"));
+        assert_eq!(pick_interface(&p, Some("eth1")).as_deref(), Some("eth1"));
+        assert_eq!(pick_interface(&p, Some("ens5")), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn dhcp_client_keeps_only_network_capabilities() {
+        let s = dhcp_client("eth0", &Paths::real());
+        let caps = s.command.keep_caps.unwrap();
+        assert_eq!(caps.len(), 3);
+        assert!(caps.contains(&caps::Capability::CAP_NET_RAW));
+        assert!(!caps.contains(&caps::Capability::CAP_SYS_ADMIN));
+        assert!(s.command.args.contains(&DHCP_SCRIPT.to_string()));
+    }
+
+    #[test]
+    fn lease_file_parses() {
+        let root = tmp("lease");
+        let f = root.join("dhcp-eth0.env");
+        std::fs::write(
+            &f,
+            "ip=10.0.2.15\nprefix=24\nrouter=10.0.2.2\ndns=\"10.0.2.3\"\n",
+        )
+        .unwrap();
+        let l = read_lease(&f).unwrap();
+        assert!(l.contains(&("dns".into(), "10.0.2.3".into())));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

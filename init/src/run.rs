@@ -1,0 +1,271 @@
+//! The two ways spotinit runs — PID 1 of our image, or a service under another init — and the
+//! production [`Platform`] (IMDS + EC2 + EBS). Both runners: boot (interruptible by any shutdown
+//! request), then wait for a request, then the one drain, then what the request says.
+
+use crate::boot::{boot, BootError, BootState, Machine, Mode, Platform};
+use crate::cloud::ec2::{endpoint, Ec2Client};
+use crate::cloud::imds::Imds;
+use crate::cloud::{CloudError, Identity};
+use crate::config::{Config, FailureAction};
+use crate::shutdown::{drain, Request, Then};
+use crate::sys::{Linux, Paths, PowerAction, System};
+use crate::volume::device::DeviceWatcher;
+use crate::volume::ebs::EbsVolume;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// IMDS, EC2 and EBS.
+pub struct Aws<S: System> {
+    pub sys: Arc<S>,
+    pub paths: Paths,
+}
+
+impl<S: System> Platform for Aws<S> {
+    type Meta = Imds;
+    type Volume = EbsVolume<Ec2Client, S>;
+
+    fn metadata(&self, endpoint: Option<&str>) -> Result<Imds, CloudError> {
+        Imds::new(endpoint)
+    }
+
+    fn volume(&self, cfg: &Config, me: &Identity, meta: &Imds) -> Result<Self::Volume, String> {
+        let region = cfg.aws.region.clone().unwrap_or_else(|| me.region.clone());
+        let ep = endpoint(cfg.aws.ec2_endpoint.as_deref());
+        if let Some(ep) = &ep {
+            crate::log!("aws: EC2 endpoint {ep}");
+        }
+        let ec2 = Ec2Client::with_instance_role(&region, ep.as_deref(), meta);
+        // Listen for disks before the first AttachVolume, so the hot-plug cannot be missed.
+        let devices = DeviceWatcher::open(&self.paths)
+            .map_err(|e| format!("cannot listen for kernel device events: {e}"))?;
+        Ok(EbsVolume::new(
+            Arc::new(ec2),
+            self.sys.clone(),
+            self.paths.clone(),
+            cfg.volume.clone(),
+            cfg.docker.storage_driver.clone(),
+            me.clone(),
+            devices,
+        ))
+    }
+
+    fn watch(&self, cfg: &Config, meta: &Imds, requests: mpsc::UnboundedSender<Request>) {
+        crate::lifecycle::watch(meta.clone(), cfg, requests);
+    }
+}
+
+/// What a failed boot turns into, per `failure.action`.
+fn failure_request(e: &BootError, cfg: Option<&Config>) -> Request {
+    let action = cfg
+        .map(|c| c.failure.action)
+        .unwrap_or(FailureAction::Poweroff);
+    let (then, what) = match action {
+        FailureAction::Poweroff => (
+            Then::PowerOff,
+            "powering off so a replacement can be launched",
+        ),
+        FailureAction::Reboot => (Then::Reboot, "rebooting to try again"),
+        FailureAction::Stay => (Then::Stay, "staying up without Docker for debugging"),
+    };
+    for line in e.to_string().lines() {
+        crate::log!("BOOT FAILED: {line}");
+    }
+    crate::log!("Docker was not started. failure.action = {action:?}: {what}");
+    Request::new(format!("boot failed ({what})"), then)
+}
+
+/// Boot, serve, drain. Returns what should follow the drain.
+pub async fn serve<S: System, P: Platform>(
+    m: &Machine<S>,
+    platform: &P,
+    requests: &mut mpsc::UnboundedReceiver<Request>,
+) -> Then {
+    enum Outcome {
+        Booted,
+        Failed(BootError),
+        Interrupted(Request),
+    }
+    let mut st = BootState::<P>::default();
+    // Any shutdown request (a spot notice during the volume phase, the power button) wins
+    // over the boot; the boot state says what to undo.
+    let outcome = tokio::select! {
+        r = boot(m, platform, &mut st) => match r {
+            Ok(()) => Outcome::Booted,
+            Err(e) => Outcome::Failed(e),
+        },
+        Some(req) = requests.recv() => Outcome::Interrupted(req),
+    };
+    let fallback = || Request::new("request channel closed", Then::PowerOff);
+    let req = match outcome {
+        Outcome::Booted => {
+            notify_ready();
+            requests.recv().await.unwrap_or_else(fallback)
+        }
+        Outcome::Interrupted(req) => {
+            crate::log!("boot interrupted: {}", req.reason);
+            req
+        }
+        Outcome::Failed(e) => {
+            let req = failure_request(&e, st.config.as_ref());
+            if req.then == Then::Stay {
+                crate::log!("waiting for a shutdown request (power button, SIGTERM)");
+                requests.recv().await.unwrap_or_else(fallback)
+            } else {
+                req
+            }
+        }
+    };
+    drain(m, &mut st, &req).await;
+    req.then
+}
+
+/// Tells systemd we are ready, when it asked (`Type=notify` units set NOTIFY_SOCKET).
+fn notify_ready() {
+    if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
+        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = sock.send_to(b"READY=1", path);
+        }
+    }
+}
+
+/// PID 1. Never returns: it ends in power-off, reboot, or waiting.
+pub fn pid1() -> ! {
+    install_panic_hook();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let then = match rt {
+        Ok(rt) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                let sys = Arc::new(Linux);
+                let _ = sys.ctrl_alt_del_to_signal();
+                let (m, mut requests) = Machine::new(sys.clone(), Paths::real(), Mode::Pid1);
+                crate::power::listen_signals(m.requests.clone(), Then::PowerOff);
+                let platform = Aws {
+                    sys: sys.clone(),
+                    paths: m.paths.clone(),
+                };
+                let then = serve(&m, &platform, &mut requests).await;
+                if matches!(then, Then::Wait | Then::Stay) {
+                    crate::log!("drained; waiting for EC2 to stop this instance");
+                    // Keep the runtime (and the reaper) alive until the end.
+                    std::future::pending::<()>().await;
+                }
+                then
+            })
+        }))
+        .unwrap_or_else(|_| {
+            crate::log!("PANIC in PID 1: emergency shutdown");
+            emergency();
+            Then::PowerOff
+        }),
+        Err(e) => {
+            crate::log!("cannot start the runtime: {e}; emergency shutdown");
+            emergency();
+            Then::PowerOff
+        }
+    };
+    let action = if then == Then::Reboot {
+        PowerAction::Reboot
+    } else {
+        PowerAction::PowerOff
+    };
+    crate::log!(
+        "{}",
+        if action == PowerAction::Reboot {
+            "rebooting"
+        } else {
+            "powering off"
+        }
+    );
+    if let Err(e) = Linux.power(action) {
+        crate::log!("{e}");
+    }
+    // Nothing left to do but keep PID 1 alive.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// After a panic nothing async can be trusted: plain syscalls only. Stop everything, sync,
+/// unmount the state volume if it is mounted (the volume stays attached; the next instance
+/// waits for EC2 to release it, and the journal covers the rest).
+fn emergency() {
+    let sys = Linux;
+    let _ = sys.kill_all(crate::sys::Signal::SIGTERM);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !crate::shutdown::user_processes(&Paths::real()).is_empty()
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // SAFETY: waitpid with a null status pointer and WNOHANG just collects zombies.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    }
+    let _ = sys.kill_all(crate::sys::Signal::SIGKILL);
+    sys.sync();
+    for (_, target) in crate::volume::layout::BINDS.iter().rev() {
+        let _ = sys.umount(std::path::Path::new(target), false);
+    }
+    let _ = sys.umount(
+        std::path::Path::new(crate::volume::layout::VOLUME_MOUNT),
+        false,
+    );
+    sys.sync();
+}
+
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        crate::log!("panic: {info}");
+    }));
+}
+
+/// Under another init. Exits after the drain.
+pub fn service() -> i32 {
+    install_panic_hook();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("spotinit: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        let sys = Arc::new(Linux);
+        let (m, mut requests) = Machine::new(sys.clone(), Paths::real(), Mode::Service);
+        crate::power::listen_signals(m.requests.clone(), Then::Exit);
+        let platform = Aws {
+            sys,
+            paths: m.paths.clone(),
+        };
+        match serve(&m, &platform, &mut requests).await {
+            Then::Exit => 0,
+            _ => 1,
+        }
+    })
+}
+
+/// `spotinit config check FILE`: validates user data offline.
+pub fn config_check(path: &str) -> i32 {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("spotinit: cannot read {path}: {e}");
+            return 2;
+        }
+    };
+    match Config::load("", Some(&text), None) {
+        Ok(c) => {
+            println!("{path}: ok: {}", c.summary());
+            0
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{path}: {e}");
+            }
+            1
+        }
+    }
+}

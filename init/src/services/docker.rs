@@ -1,0 +1,248 @@
+//! containerd and dockerd: their command lines, dockerd's daemon.json, and the readiness checks
+//! (containerd's socket accepts, the Engine API answers `/_ping`).
+
+use super::supervisor::ServiceSpec;
+use crate::config::Docker;
+use crate::sys::{CommandSpec, Output, Paths};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+pub const DOCKER_SOCKET: &str = "/run/docker.sock";
+pub const DAEMON_JSON: &str = "/run/spotinit/daemon.json";
+pub const DATA_ROOT: &str = "/var/lib/docker";
+pub const LOG_DIR: &str = "/var/log/spotinit";
+const LOG_MAX_BYTES: u64 = 4 << 20;
+
+pub fn log_output(paths: &Paths, name: &str) -> Output {
+    Output::Log {
+        path: paths.p(LOG_DIR).join(format!("{name}.log")),
+        max_bytes: LOG_MAX_BYTES,
+    }
+}
+
+pub fn containerd(paths: &Paths) -> ServiceSpec {
+    ServiceSpec::new(
+        "containerd",
+        CommandSpec::new("/usr/bin/containerd").output(log_output(paths, "containerd")),
+    )
+    .stop_timeout(Duration::from_secs(10))
+}
+
+pub fn dockerd(paths: &Paths, cfg: &Docker) -> ServiceSpec {
+    ServiceSpec::new(
+        "dockerd",
+        CommandSpec::new("/usr/sbin/dockerd")
+            .args([
+                "--config-file",
+                DAEMON_JSON,
+                "--containerd",
+                CONTAINERD_SOCKET,
+            ])
+            .output(log_output(paths, "dockerd")),
+    )
+    // dockerd stops containers within its shutdown-timeout; give it that and a margin.
+    .stop_timeout(Duration::from_secs(cfg.stop_timeout_secs + 15))
+}
+
+/// daemon.json: the keys spotinit owns, then the user's extra keys (validated not to clash).
+pub fn daemon_json(cfg: &Docker) -> serde_json::Value {
+    let mut doc = serde_json::Map::new();
+    for (k, v) in &cfg.daemon {
+        doc.insert(k.clone(), toml_to_json(v));
+    }
+    doc.insert("data-root".into(), DATA_ROOT.into());
+    doc.insert("storage-driver".into(), cfg.storage_driver.clone().into());
+    doc.insert("exec-root".into(), "/run/docker".into());
+    doc.insert("pidfile".into(), "/run/docker.pid".into());
+    doc.insert("shutdown-timeout".into(), cfg.stop_timeout_secs.into());
+    // Our own readiness check needs the unix socket, whatever else the user listens on.
+    let unix = format!("unix://{DOCKER_SOCKET}");
+    let mut hosts: Vec<serde_json::Value> = doc
+        .get("hosts")
+        .and_then(|h| h.as_array().cloned())
+        .unwrap_or_default();
+    if !hosts.iter().any(|h| h.as_str() == Some(unix.as_str())) {
+        hosts.insert(0, unix.into());
+    }
+    doc.insert("hosts".into(), hosts.into());
+    serde_json::Value::Object(doc)
+}
+
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::String(s) => s.clone().into(),
+        toml::Value::Integer(i) => (*i).into(),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        toml::Value::Boolean(b) => (*b).into(),
+        toml::Value::Datetime(d) => d.to_string().into(),
+        toml::Value::Array(a) => a.iter().map(toml_to_json).collect(),
+        toml::Value::Table(t) => t
+            .iter()
+            .map(|(k, v)| (k.clone(), toml_to_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
+}
+
+pub fn write_daemon_json(paths: &Paths, cfg: &Docker) -> std::io::Result<PathBuf> {
+    let path = paths.p(DAEMON_JSON);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(&daemon_json(cfg)).unwrap_or_default();
+    std::fs::write(&path, text + "\n")?;
+    Ok(path)
+}
+
+/// Waits until a unix socket accepts connections.
+pub async fn wait_for_socket(path: &Path, deadline: Duration) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            return Err(format!(
+                "{} did not accept connections within {}",
+                path.display(),
+                crate::console::human(deadline)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One Engine API request over the unix socket (HTTP/1.0, so the answer is never chunked).
+/// Returns the status code and the body.
+pub async fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let exchange = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+        let req = format!("{method} {path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("{method} {path}: not an HTTP answer"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        format!(
+            "{method} {path}: no answer within {}",
+            crate::console::human(timeout)
+        )
+    })?
+}
+
+/// True when the Engine API answers `/_ping` with 200.
+pub async fn ping(socket: &Path) -> bool {
+    matches!(
+        request(socket, "GET", "/_ping", Duration::from_secs(5)).await,
+        Ok((200, _))
+    )
+}
+
+/// Ids of the running containers.
+pub async fn running_containers(socket: &Path) -> Result<Vec<String>, String> {
+    let (code, body) = request(socket, "GET", "/containers/json", Duration::from_secs(10)).await?;
+    if code != 200 {
+        return Err(format!("GET /containers/json: HTTP {code}"));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("GET /containers/json: {e}"))?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["Id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Waits until the Engine API answers `/_ping`.
+pub async fn wait_for_ping(socket: &Path, deadline: Duration) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        if ping(socket).await {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            return Err(format!(
+                "the Docker Engine API on {} did not answer /_ping within {}",
+                socket.display(),
+                crate::console::human(deadline)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_json_has_our_keys_and_the_users() {
+        let mut cfg = Docker::default();
+        cfg.daemon.insert("log-driver".into(), "local".into());
+        cfg.daemon.insert(
+            "hosts".into(),
+            toml::Value::Array(vec!["tcp://0.0.0.0:2375".into()]),
+        );
+        let j = daemon_json(&cfg);
+        assert_eq!(j["data-root"], "/var/lib/docker");
+        assert_eq!(j["storage-driver"], "overlay2");
+        assert_eq!(j["log-driver"], "local");
+        assert_eq!(j["shutdown-timeout"], 60);
+        assert_eq!(
+            j["hosts"],
+            serde_json::json!(["unix:///run/docker.sock", "tcp://0.0.0.0:2375"])
+        );
+    }
+
+    #[tokio::test]
+    async fn ping_reads_an_engine_api_answer() {
+        let dir = std::env::temp_dir().join(format!("spotinit-ping-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("docker.sock");
+        let _ = std::fs::remove_file(&sock);
+        assert!(!ping(&sock).await);
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /_ping "));
+                s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+                    .await
+                    .unwrap();
+            }
+        });
+        assert!(wait_for_ping(&sock, Duration::from_secs(5)).await.is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,199 @@
+//! The one drain. Signals, the power button, a spot interruption notice and a failed boot all
+//! end here: stop Docker (containers get their stop timeouts), stop containerd, stop every other
+//! process, sync, give the volume back (unmount, detach), undo the early mounts. Each step is
+//! logged with its duration and, against a deadline, the time left.
+
+use crate::boot::{BootState, Machine, Mode, Platform};
+use crate::console::human;
+use crate::sys::{Signal, System};
+use crate::volume::VolumePhase;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What follows the drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    PowerOff,
+    Reboot,
+    /// Wait for EC2 to take the instance (spot: never power off early on our own).
+    Wait,
+    /// Stay up without Docker (debugging after a failed boot).
+    Stay,
+    /// Exit the process (service mode).
+    Exit,
+}
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub reason: String,
+    pub then: Then,
+    /// When EC2 will take the instance, if it said.
+    pub deadline: Option<Instant>,
+}
+
+impl Request {
+    pub fn new(reason: impl Into<String>, then: Then) -> Self {
+        Request {
+            reason: reason.into(),
+            then,
+            deadline: None,
+        }
+    }
+    pub fn with_deadline(mut self, d: Instant) -> Self {
+        self.deadline = Some(d);
+        self
+    }
+}
+
+/// Logs a finished step with its duration and the time left before the deadline.
+fn step_done(name: &str, since: Instant, deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => crate::log!(
+            "shutdown: {name} in {} ({} left)",
+            human(since.elapsed()),
+            human(d.saturating_duration_since(Instant::now()))
+        ),
+        None => crate::log!("shutdown: {name} in {}", human(since.elapsed())),
+    }
+}
+
+/// Processes other than us and kernel threads (which have an empty command line).
+pub fn user_processes(paths: &crate::sys::Paths) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = std::fs::read_dir(paths.p("/proc")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let dir = paths.p("/proc").join(pid.to_string());
+            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
+            if cmdline.is_empty() {
+                return None;
+            }
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            Some((pid, comm.trim().to_string()))
+        })
+        .collect()
+}
+
+pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>, req: &Request) {
+    let start = Instant::now();
+    let deadline = req.deadline;
+    match deadline {
+        Some(d) => crate::log!(
+            "shutting down: {} ({} until EC2 takes the instance)",
+            req.reason,
+            human(d.saturating_duration_since(Instant::now()))
+        ),
+        None => crate::log!("shutting down: {}", req.reason),
+    }
+
+    if st.docker_started {
+        if let (Some(d), Some(cfg)) = (deadline, &st.config) {
+            let t = Instant::now();
+            let n = crate::lifecycle::stop_containers_before(m, cfg, d).await;
+            step_done(&format!("{n} containers stopped"), t, deadline);
+        }
+        for name in ["dockerd", "containerd"] {
+            let t = Instant::now();
+            let s = m.supervisor.stop(name).await;
+            if s.was_running {
+                step_done(
+                    &format!("{name} stopped{}", if s.killed { " (killed)" } else { "" }),
+                    t,
+                    deadline,
+                );
+            }
+        }
+    }
+
+    let t = Instant::now();
+    let others = m.supervisor.running().await;
+    // Stop them all at once: each only waits for its own process.
+    let handles: Vec<_> = others
+        .into_iter()
+        .map(|(name, _)| {
+            let sup = m.supervisor.clone();
+            tokio::spawn(async move { sup.stop(&name).await })
+        })
+        .collect();
+    let mut stopped = Vec::new();
+    for h in handles {
+        if let Ok(s) = h.await {
+            stopped.push(s);
+        }
+    }
+    if !stopped.is_empty() {
+        step_done(
+            &format!(
+                "{} stopped",
+                stopped
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            t,
+            deadline,
+        );
+    }
+    if m.mode == Mode::Pid1 {
+        // Container shims, containers, anything started by hand: TERM, a moment, KILL.
+        let t = Instant::now();
+        let left = user_processes(&m.paths).len();
+        if left > 0 {
+            let _ = m.sys.kill_all(Signal::SIGTERM);
+            let until = Instant::now() + Duration::from_secs(5);
+            while !user_processes(&m.paths).is_empty() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let stubborn = user_processes(&m.paths);
+            if !stubborn.is_empty() {
+                crate::log!(
+                    "shutdown: killing {}",
+                    stubborn
+                        .iter()
+                        .map(|(p, c)| format!("{c}[{p}]"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                let _ = m.sys.kill_all(Signal::SIGKILL);
+            }
+            step_done(&format!("{left} other processes ended"), t, deadline);
+        }
+    }
+
+    let t = Instant::now();
+    m.sys.sync();
+    step_done("filesystems synced", t, deadline);
+
+    if let Some(vol) = st.volume.as_mut() {
+        let t = Instant::now();
+        match vol.release().await {
+            Ok(()) => step_done("state volume released", t, deadline),
+            Err(e) => crate::log!("shutdown: could not release the state volume: {e}"),
+        }
+    }
+
+    if m.mode == Mode::Pid1 {
+        let t = Instant::now();
+        let mounts: Vec<_> = m
+            .early_mounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .rev()
+            .collect();
+        for target in mounts {
+            if m.sys.umount(&target, false).is_err() {
+                // Busy (our own console, a straggler): detach it lazily; tmpfs loses nothing.
+                let _ = m.sys.umount(&target, true);
+            }
+        }
+        m.sys.sync();
+        step_done("unmounted", t, deadline);
+    }
+    crate::log!("shutdown: done in {}", human(start.elapsed()));
+}

@@ -1,0 +1,372 @@
+//! Owning the volume: attach it exclusively, handle a holder (live: refuse; dead: wait for EC2
+//! to release it, then optionally force-detach), wait for `attached`, and detach at shutdown.
+
+use super::{Step, VolumeError};
+use crate::cloud::{CloudError, Ec2, ErrorKind, Identity, VolumeInfo};
+use crate::config;
+use crate::console::human;
+use crate::retry::{Attempt, Retry};
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One EC2 call, retried with jittered backoff while EC2 throttles or fails (RequestLimitExceeded,
+/// 5xx, timeouts); any other error returns at once.
+pub async fn api<T, F, Fut>(call: &str, mut f: F) -> Result<T, CloudError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CloudError>>,
+{
+    Retry::new(call)
+        .every(Duration::from_millis(500))
+        .max_delay(Duration::from_secs(20))
+        .for_at_most(Duration::from_secs(180))
+        .jitter()
+        .run(|_| {
+            let fut = f();
+            async move {
+                fut.await.map_err(|e| {
+                    if e.is_retryable() {
+                        Attempt::Retry(e)
+                    } else {
+                        Attempt::Fail(e)
+                    }
+                })
+            }
+        })
+        .await
+        .map_err(|e| e.into_inner())
+}
+
+/// How the attach went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// The volume was force-detached from a dead holder: its filesystem needs a full check.
+    pub forced: bool,
+}
+
+fn api_err(step: Step) -> impl Fn(CloudError) -> VolumeError {
+    move |err| VolumeError::Api { step, err }
+}
+
+fn is_dead(state: &str) -> bool {
+    matches!(
+        state,
+        "shutting-down" | "terminated" | "stopping" | "stopped"
+    )
+}
+
+async fn describe<E: Ec2>(ec2: &E, id: &str, step: Step) -> Result<VolumeInfo, VolumeError> {
+    api("DescribeVolumes", || ec2.describe_volume(id))
+        .await
+        .map_err(api_err(step))?
+        .ok_or_else(|| VolumeError::NotFound {
+            what: format!("state volume {id} disappeared"),
+            fix: "Someone deleted it; restore it from a snapshot".into(),
+        })
+}
+
+/// The instance holding the volume (other than `me`), if any.
+fn holder<'a>(v: &'a VolumeInfo, me: &Identity) -> Option<&'a crate::cloud::Attachment> {
+    v.attachments
+        .iter()
+        .find(|a| a.instance_id != me.instance_id && a.state != "detached")
+}
+
+/// Waits until no other instance holds the volume. A running holder is an error at once; a dead
+/// one is waited out for `release_wait_secs`, then force-detached if configured.
+pub async fn wait_unheld<E: Ec2>(
+    ec2: &E,
+    v: &VolumeInfo,
+    cfg: &config::Volume,
+    me: &Identity,
+) -> Result<VolumeInfo, VolumeError> {
+    let (v, _) = wait_unheld_forced(ec2, v, cfg, me).await?;
+    Ok(v)
+}
+
+async fn wait_unheld_forced<E: Ec2>(
+    ec2: &E,
+    v: &VolumeInfo,
+    cfg: &config::Volume,
+    me: &Identity,
+) -> Result<(VolumeInfo, bool), VolumeError> {
+    let mut v = v.clone();
+    let release_wait = Duration::from_secs(cfg.release_wait_secs);
+    let mut waiting_since: Option<Instant> = None;
+    let mut last_line = Instant::now();
+    let mut forced = false;
+    loop {
+        let Some(att) = holder(&v, me).cloned() else {
+            if let Some(since) = waiting_since {
+                crate::log!("volume: {} released after {}", v.id, human(since.elapsed()));
+            }
+            return Ok((v, forced));
+        };
+        let inst = api("DescribeInstances", || {
+            ec2.describe_instance(&att.instance_id)
+        })
+        .await
+        .map_err(api_err(Step::Attach))?;
+        let state = inst.map(|i| i.state).unwrap_or_else(|| "terminated".into());
+        if !is_dead(&state) {
+            return Err(VolumeError::HeldByRunning {
+                volume: v.id.clone(),
+                holder: att.instance_id.clone(),
+                state,
+            });
+        }
+        let since = *waiting_since.get_or_insert_with(|| {
+            crate::log!(
+                "volume: {} is still attached to {} ({state}, attachment {}); waiting up to {} for EC2 to release it",
+                v.id,
+                att.instance_id,
+                att.state,
+                human(release_wait)
+            );
+            Instant::now()
+        });
+        if since.elapsed() >= release_wait {
+            if !cfg.force_detach || forced {
+                return Err(VolumeError::NotReleased {
+                    volume: v.id.clone(),
+                    holder: att.instance_id.clone(),
+                    state,
+                    waited: since.elapsed(),
+                });
+            }
+            crate::log!(
+                "volume: force-detaching {} from {} ({state}) after {} (volume.force_detach); its filesystem gets a full check",
+                v.id,
+                att.instance_id,
+                human(since.elapsed())
+            );
+            api("DetachVolume", || {
+                ec2.detach_volume(&v.id, &att.instance_id, true)
+            })
+            .await
+            .map_err(api_err(Step::Attach))?;
+            forced = true;
+            waiting_since = Some(Instant::now());
+        } else if last_line.elapsed() >= Duration::from_secs(30) {
+            crate::log!(
+                "volume: {} still held by {} ({state}); waited {} of {}",
+                v.id,
+                att.instance_id,
+                human(since.elapsed()),
+                human(release_wait)
+            );
+            last_line = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        v = describe(ec2, &v.id, Step::Attach).await?;
+    }
+}
+
+/// Attaches the volume to this instance and waits for `attached`. Called again after a failure,
+/// it finds the volume already attached to us and just waits.
+pub async fn attach_exclusive<E: Ec2>(
+    ec2: &E,
+    volume_id: &str,
+    cfg: &config::Volume,
+    me: &Identity,
+) -> Result<Attached, VolumeError> {
+    let deadline = Duration::from_secs(cfg.attach_timeout_secs);
+    let mut forced_any = false;
+    loop {
+        let v = describe(ec2, volume_id, Step::Attach).await?;
+        let mine = v
+            .attachments
+            .iter()
+            .find(|a| a.instance_id == me.instance_id && a.state != "detached");
+        if mine.is_none() {
+            let (v, forced) = wait_unheld_forced(ec2, &v, cfg, me).await?;
+            forced_any |= forced;
+            crate::log!(
+                "volume: attaching {} to {} as {}",
+                v.id,
+                me.instance_id,
+                cfg.device
+            );
+            match api("AttachVolume", || {
+                ec2.attach_volume(&v.id, &me.instance_id, &cfg.device)
+            })
+            .await
+            {
+                Ok(_) => {}
+                // Someone attached it between our look and our call: look again.
+                Err(e) if e.kind == ErrorKind::InUse => {
+                    crate::log!("volume: {e}; looking at who holds it");
+                    continue;
+                }
+                Err(e) if e.kind == ErrorKind::IncorrectState => {
+                    crate::log!("volume: {e}; waiting for it to settle");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+                Err(err) => {
+                    return Err(VolumeError::Api {
+                        step: Step::Attach,
+                        err,
+                    })
+                }
+            }
+        }
+        wait_attached(ec2, volume_id, me, deadline).await?;
+        return Ok(Attached { forced: forced_any });
+    }
+}
+
+/// Polls (with backoff) until our attachment reads `attached`.
+async fn wait_attached<E: Ec2>(
+    ec2: &E,
+    volume_id: &str,
+    me: &Identity,
+    deadline: Duration,
+) -> Result<(), VolumeError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let v = describe(ec2, volume_id, Step::Attach).await?;
+        let state = v
+            .attachments
+            .iter()
+            .find(|a| a.instance_id == me.instance_id)
+            .map(|a| a.state.clone());
+        match state.as_deref() {
+            Some("attached") => {
+                crate::log!("volume: {volume_id} attached in {}", human(start.elapsed()));
+                return Ok(());
+            }
+            Some("attaching") | Some("busy") => {}
+            other => {
+                return Err(VolumeError::Device {
+                    volume: volume_id.into(),
+                    detail: format!(
+                        "its attachment to {} went to {} while attaching",
+                        me.instance_id,
+                        other.unwrap_or("nothing")
+                    ),
+                })
+            }
+        }
+        if start.elapsed() > deadline {
+            return Err(VolumeError::Timeout {
+                step: Step::Attach,
+                volume: volume_id.into(),
+                detail: format!(
+                    "still attaching after {} (EC2 usually needs 1-4 s)",
+                    human(deadline)
+                ),
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Detaches our attachment (always naming our instance) and waits until EC2 no longer shows it,
+/// so the next instance can attach at once. Not attached is fine.
+pub async fn detach<E: Ec2>(
+    ec2: &E,
+    volume_id: &str,
+    me: &Identity,
+    deadline: Duration,
+) -> Result<Duration, VolumeError> {
+    let start = Instant::now();
+    match api("DetachVolume", || {
+        ec2.detach_volume(volume_id, &me.instance_id, false)
+    })
+    .await
+    {
+        Ok(_) => {}
+        Err(e)
+            if e.kind == ErrorKind::IncorrectState
+                || e.code.as_deref() == Some("InvalidAttachment.NotFound") =>
+        {
+            return Ok(start.elapsed());
+        }
+        Err(err) => {
+            return Err(VolumeError::Api {
+                step: Step::Detach,
+                err,
+            })
+        }
+    }
+    loop {
+        let v = describe(ec2, volume_id, Step::Detach).await?;
+        let still = v
+            .attachments
+            .iter()
+            .any(|a| a.instance_id == me.instance_id && a.state != "detached");
+        if !still {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            return Err(VolumeError::Timeout {
+                step: Step::Detach,
+                volume: volume_id.into(),
+                detail: format!("still attached after {}", human(deadline)),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits for a snapshot to complete, with a progress line every 10 s or so.
+pub async fn wait_snapshot<E: Ec2>(
+    ec2: &E,
+    snapshot: &str,
+    volume: &str,
+    deadline: Duration,
+) -> Result<Duration, VolumeError> {
+    let start = Instant::now();
+    let mut last_line = Instant::now();
+    loop {
+        let s = api("DescribeSnapshots", || ec2.describe_snapshot(snapshot))
+            .await
+            .map_err(api_err(Step::Move))?;
+        match s {
+            Some(s) if s.state == "completed" => {
+                crate::log!(
+                    "volume: snapshot {snapshot} of {volume} completed in {}",
+                    human(start.elapsed())
+                );
+                return Ok(start.elapsed());
+            }
+            Some(s) if s.state == "error" => {
+                return Err(VolumeError::Timeout {
+                    step: Step::Move,
+                    volume: volume.into(),
+                    detail: format!("snapshot {snapshot} failed (state error)"),
+                })
+            }
+            Some(s) => {
+                if last_line.elapsed() >= Duration::from_secs(10) {
+                    crate::log!(
+                        "volume: snapshot {snapshot} of {volume}: {} after {}",
+                        if s.progress.is_empty() {
+                            "pending"
+                        } else {
+                            &s.progress
+                        },
+                        human(start.elapsed())
+                    );
+                    last_line = Instant::now();
+                }
+            }
+            None => {}
+        }
+        if start.elapsed() > deadline {
+            return Err(VolumeError::Timeout {
+                step: Step::Move,
+                volume: volume.into(),
+                detail: format!(
+                    "snapshot {snapshot} not completed after {}",
+                    human(deadline)
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

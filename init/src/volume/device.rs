@@ -1,0 +1,450 @@
+//! Finding the block device of an attached EBS volume.
+//!
+//! On Nitro instances a volume is an NVMe namespace whose controller serial is `vol` + the
+//! volume id without its hyphen (EC2's model string is "Amazon Elastic Block Store"; QEMU's is
+//! its own, so we match on the serial only). On Xen instances it is the requested name with
+//! `sd` turned into `xvd`. Hidden multipath nodes (`nvme0c0n1`) and partitions are ignored.
+//!
+//! A [`DeviceWatcher`] keeps the set of present disks, filled by one sysfs scan and then by
+//! kernel uevents. A waiter is checked against that set and registered under the same lock
+//! the event handler takes, so a hot-plug that lands before the wait is never missed (the
+//! kata-containers agent pattern). Open the watcher before calling AttachVolume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A kernel uevent, as far as we need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uevent {
+    pub action: String,
+    pub subsystem: String,
+    pub devname: String,
+    pub devtype: String,
+}
+
+/// Parses one `NETLINK_KOBJECT_UEVENT` message (`add@/devices/..\0ACTION=add\0KEY=value\0...`).
+pub fn parse_uevent(buf: &[u8]) -> Option<Uevent> {
+    let mut ev = Uevent {
+        action: String::new(),
+        subsystem: String::new(),
+        devname: String::new(),
+        devtype: String::new(),
+    };
+    for field in buf.split(|b| *b == 0) {
+        let field = std::str::from_utf8(field).ok()?;
+        if let Some((k, v)) = field.split_once('=') {
+            match k {
+                "ACTION" => ev.action = v.into(),
+                "SUBSYSTEM" => ev.subsystem = v.into(),
+                "DEVNAME" => ev.devname = v.trim_start_matches("/dev/").into(),
+                "DEVTYPE" => ev.devtype = v.into(),
+                _ => {}
+            }
+        }
+    }
+    (!ev.action.is_empty()).then_some(ev)
+}
+
+/// What identifies the volume's disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMatch {
+    /// `vol0123456789abcdef0`
+    pub nvme_serial: String,
+    /// `xvdf` (for a requested `/dev/sdf` or `/dev/xvdf`)
+    pub xen_name: String,
+}
+
+impl VolumeMatch {
+    pub fn new(volume_id: &str, requested_device: &str) -> Self {
+        let name = requested_device.trim_start_matches("/dev/");
+        let xen_name = match name.strip_prefix("sd") {
+            Some(rest) => format!("xvd{rest}"),
+            None => name.to_string(),
+        };
+        VolumeMatch {
+            nvme_serial: volume_id.replace('-', ""),
+            xen_name,
+        }
+    }
+
+    pub fn matches(&self, disk: &Disk) -> bool {
+        if disk.name.starts_with("nvme") {
+            disk.serial.as_deref().map(str::trim) == Some(self.nvme_serial.as_str())
+        } else {
+            disk.name == self.xen_name
+        }
+    }
+}
+
+/// A whole disk the kernel shows in /sys/block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub name: String,
+    pub serial: Option<String>,
+    pub model: Option<String>,
+}
+
+/// `nvme0c0n1` is a hidden per-path node of a multipath namespace; only `nvme0n1` is usable.
+pub fn is_hidden_nvme_path(name: &str) -> bool {
+    name.strip_prefix("nvme").is_some_and(|rest| {
+        let mut parts = rest.splitn(2, 'c');
+        parts
+            .next()
+            .is_some_and(|a| a.chars().all(|c| c.is_ascii_digit()))
+            && parts.next().is_some_and(|b| b.contains('n'))
+    })
+}
+
+/// Reads what sysfs says about a disk; None for nodes we never use.
+pub fn read_disk(sys_block: &Path, name: &str) -> Option<Disk> {
+    if is_hidden_nvme_path(name) || name.starts_with("loop") || name.starts_with("ram") {
+        return None;
+    }
+    let dir = sys_block.join(name);
+    let attr = |a: &str| {
+        std::fs::read_to_string(dir.join("device").join(a))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    Some(Disk {
+        name: name.into(),
+        serial: attr("serial"),
+        model: attr("model"),
+    })
+}
+
+/// Every disk in `sys_block` (normally /sys/block).
+pub fn scan(sys_block: &Path) -> Vec<Disk> {
+    let Ok(rd) = std::fs::read_dir(sys_block) else {
+        return Vec::new();
+    };
+    let mut v: Vec<Disk> = rd
+        .flatten()
+        .filter_map(|e| read_disk(sys_block, &e.file_name().to_string_lossy()))
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+struct Waiter {
+    want: VolumeMatch,
+    tx: oneshot::Sender<Disk>,
+}
+
+#[derive(Default)]
+struct Seen {
+    disks: HashMap<String, Disk>,
+    waiters: Vec<Waiter>,
+}
+
+/// The present disks and the waits for one to appear.
+#[derive(Clone)]
+pub struct DeviceWatcher {
+    sys_block: PathBuf,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl DeviceWatcher {
+    /// Starts from a sysfs scan, then follows `events` (netlink in production, a channel in
+    /// tests). The caller must have started receiving events before the scan, which
+    /// [`DeviceWatcher::open`] does.
+    pub fn start(sys_block: PathBuf, mut events: mpsc::UnboundedReceiver<Uevent>) -> Self {
+        let w = DeviceWatcher {
+            sys_block,
+            seen: Arc::new(Mutex::new(Seen::default())),
+        };
+        w.rescan();
+        let w2 = w.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                w2.event(&ev);
+            }
+        });
+        w
+    }
+
+    /// Netlink uevents (opened first) plus a scan of `root`/sys/block.
+    pub fn open(paths: &crate::sys::Paths) -> std::io::Result<Self> {
+        let rx = netlink::listen()?;
+        Ok(Self::start(paths.p("/sys/block"), rx))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds what sysfs shows now (also a fallback if the netlink buffer ever overflowed).
+    pub fn rescan(&self) {
+        let disks = scan(&self.sys_block);
+        let mut seen = self.lock();
+        for d in disks {
+            Self::offer(&mut seen, d);
+        }
+    }
+
+    fn event(&self, ev: &Uevent) {
+        if ev.subsystem != "block" || ev.devtype != "disk" || ev.devname.is_empty() {
+            return;
+        }
+        match ev.action.as_str() {
+            "add" | "change" => {
+                if let Some(d) = read_disk(&self.sys_block, &ev.devname) {
+                    let mut seen = self.lock();
+                    Self::offer(&mut seen, d);
+                }
+            }
+            "remove" => {
+                self.lock().disks.remove(&ev.devname);
+            }
+            _ => {}
+        }
+    }
+
+    fn offer(seen: &mut Seen, d: Disk) {
+        let mut i = 0;
+        while i < seen.waiters.len() {
+            if seen.waiters[i].want.matches(&d) {
+                let w = seen.waiters.swap_remove(i);
+                let _ = w.tx.send(d.clone());
+            } else {
+                i += 1;
+            }
+        }
+        seen.disks.insert(d.name.clone(), d);
+    }
+
+    pub fn disks(&self) -> Vec<Disk> {
+        let mut v: Vec<Disk> = self.lock().disks.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Waits for the volume's disk. On timeout the error lists the disks that are present.
+    pub async fn wait_for(&self, want: &VolumeMatch, deadline: Duration) -> Result<Disk, String> {
+        let rx = {
+            let mut seen = self.lock();
+            if let Some(d) = seen.disks.values().find(|d| want.matches(d)) {
+                return Ok(d.clone());
+            }
+            let (tx, rx) = oneshot::channel();
+            seen.waiters.push(Waiter {
+                want: want.clone(),
+                tx,
+            });
+            rx
+        };
+        let mut rx = rx;
+        let start = tokio::time::Instant::now();
+        loop {
+            // A periodic rescan covers a lost event; it offers to the same waiters.
+            match tokio::time::timeout(Duration::from_secs(2), &mut rx).await {
+                Ok(Ok(d)) => return Ok(d),
+                Ok(Err(_)) => return Err("device watcher stopped".into()),
+                Err(_) if start.elapsed() >= deadline => {
+                    let present: Vec<String> = self
+                        .disks()
+                        .iter()
+                        .map(|d| match &d.serial {
+                            Some(s) => format!("{} (serial {s})", d.name),
+                            None => d.name.clone(),
+                        })
+                        .collect();
+                    return Err(format!(
+                        "no disk with NVMe serial {} or name {} appeared within {}; disks present: {}",
+                        want.nvme_serial,
+                        want.xen_name,
+                        crate::console::human(deadline),
+                        if present.is_empty() { "none".into() } else { present.join(", ") }
+                    ));
+                }
+                Err(_) => self.rescan(),
+            }
+        }
+    }
+
+    /// Waits until a disk is gone (after a detach).
+    pub async fn wait_gone(&self, name: &str, deadline: Duration) -> bool {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < deadline {
+            if !self.sys_block.join(name).exists() {
+                self.lock().disks.remove(name);
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+mod netlink {
+    use super::{parse_uevent, Uevent};
+    use nix::sys::socket::{
+        bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use tokio::io::unix::AsyncFd;
+    use tokio::sync::mpsc;
+
+    /// Opens a kernel uevent socket and forwards block events. Events from the moment this
+    /// returns are buffered by the kernel in the socket, so nothing after it is missed.
+    pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Uevent>> {
+        let fd: OwnedFd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkKObjectUEvent,
+        )?;
+        // Group 1: events as the kernel sends them (not udev's re-broadcast).
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1))?;
+        // SAFETY: `fd` is an open socket we own; the AsyncFd takes ownership of it, so it stays
+        // open and is the same descriptor for the AsyncFd's whole life.
+        let afd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let Ok(mut guard) = afd.readable().await else {
+                    return;
+                };
+                match guard.try_io(|fd| {
+                    recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::empty())
+                        .map_err(std::io::Error::from)
+                }) {
+                    Ok(Ok(n)) => {
+                        if let Some(ev) = parse_uevent(&buf[..n]) {
+                            if tx.send(ev).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // ENOBUFS: events were dropped; the watcher's periodic rescan covers it.
+                    Ok(Err(_)) => {}
+                    Err(_would_block) => {}
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_disk(sys_block: &Path, name: &str, serial: &str) {
+        let dev = sys_block.join(name).join("device");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("serial"), format!("{serial}      \n")).unwrap();
+        std::fs::write(dev.join("model"), "QEMU NVMe Ctrl\n").unwrap();
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("spotinit-dev-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn add(name: &str) -> Uevent {
+        Uevent {
+            action: "add".into(),
+            subsystem: "block".into(),
+            devname: name.into(),
+            devtype: "disk".into(),
+        }
+    }
+
+    #[test]
+    fn uevent_parses() {
+        let msg = b"add@/devices/pci0000:00/0000:00:04.0/nvme/nvme1/nvme1n1\0ACTION=add\0DEVPATH=/devices/x\0SUBSYSTEM=block\0MAJOR=259\0MINOR=2\0DEVNAME=nvme1n1\0DEVTYPE=disk\0SEQNUM=1234\0";
+        let ev = parse_uevent(msg).unwrap();
+        assert_eq!(ev, add("nvme1n1"));
+    }
+
+    #[test]
+    fn names_and_serials_match() {
+        let m = VolumeMatch::new("vol-0123456789abcdef0", "/dev/sdf");
+        assert_eq!(m.nvme_serial, "vol0123456789abcdef0");
+        assert_eq!(m.xen_name, "xvdf");
+        let nvme = |serial: &str| Disk {
+            name: "nvme1n1".into(),
+            serial: Some(serial.into()),
+            model: None,
+        };
+        assert!(m.matches(&nvme("vol0123456789abcdef0")));
+        assert!(!m.matches(&nvme("vol0123456789abcdef1")));
+        assert!(m.matches(&Disk {
+            name: "xvdf".into(),
+            serial: None,
+            model: None
+        }));
+        assert!(is_hidden_nvme_path("nvme0c0n1"));
+        assert!(!is_hidden_nvme_path("nvme0n1"));
+        assert!(!is_hidden_nvme_path("nvme10n1"));
+    }
+
+    #[test]
+    fn scan_skips_hidden_paths_and_reads_serials() {
+        let root = tmp("scan");
+        fake_disk(&root, "nvme0n1", "spotinit-root");
+        fake_disk(&root, "nvme0c0n1", "spotinit-root");
+        fake_disk(&root, "nvme1n1", "vol0abc");
+        let names: Vec<_> = scan(&root).into_iter().map(|d| d.name).collect();
+        assert_eq!(names, vec!["nvme0n1", "nvme1n1"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_disk_present_before_the_wait_is_found() {
+        let root = tmp("before");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let w = DeviceWatcher::start(root.clone(), rx);
+        // The hot-plug lands (and its event is handled) before anyone waits.
+        fake_disk(&root, "nvme1n1", "vol0abc123");
+        tx.send(add("nvme1n1")).unwrap();
+        tokio::task::yield_now().await;
+        let m = VolumeMatch::new("vol-0abc123", "/dev/sdf");
+        let d = w.wait_for(&m, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(d.name, "nvme1n1");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_disk_arriving_during_the_wait_wakes_it() {
+        let root = tmp("during");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let w = DeviceWatcher::start(root.clone(), rx);
+        fake_disk(&root, "nvme0n1", "spotinit-root");
+        let m = VolumeMatch::new("vol-0def456", "/dev/sdf");
+        let waiter = tokio::spawn({
+            let w = w.clone();
+            async move { w.wait_for(&m, Duration::from_secs(10)).await }
+        });
+        tokio::task::yield_now().await;
+        fake_disk(&root, "nvme2n1", "vol0def456");
+        tx.send(add("nvme0n1")).unwrap();
+        tx.send(add("nvme2n1")).unwrap();
+        let d = waiter.await.unwrap().unwrap();
+        assert_eq!(d.name, "nvme2n1");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_lists_present_disks() {
+        let root = tmp("timeout");
+        fake_disk(&root, "nvme0n1", "spotinit-root");
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let w = DeviceWatcher::start(root.clone(), rx);
+        let m = VolumeMatch::new("vol-0aaa", "/dev/sdf");
+        let e = w.wait_for(&m, Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            e.contains("vol0aaa") && e.contains("nvme0n1 (serial spotinit-root)"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

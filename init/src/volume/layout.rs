@@ -1,0 +1,202 @@
+//! The state volume's layout and its mounts. The volume is mounted once at
+//! `/run/spotinit/volume`; its `docker/` and `containerd/` directories are bind-mounted over
+//! `/var/lib/docker` and `/var/lib/containerd` before either daemon starts (a mount below
+//! /var/lib/docker made after dockerd started is lost to it). A small record,
+//! `.spotinit/record.toml`, says whose state this is and how the last shutdown went.
+
+use crate::sys::{MountSpec, MsFlags, Paths, SysError, System};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const VOLUME_MOUNT: &str = "/run/spotinit/volume";
+pub const RECORD: &str = ".spotinit/record.toml";
+pub const RECORD_FORMAT: u32 = 1;
+
+/// Directories on the volume and where they are bound.
+pub const BINDS: [(&str, &str); 2] = [
+    ("docker", "/var/lib/docker"),
+    ("containerd", "/var/lib/containerd"),
+];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Record {
+    pub format: u32,
+    pub volume_id: String,
+    pub storage_driver: String,
+    pub created_by: String,
+    pub created_at: String,
+    pub last_instance: String,
+    pub last_boot_at: String,
+    pub boot_count: u64,
+    pub clean_shutdown: bool,
+    pub last_shutdown_at: String,
+}
+
+pub fn record_path(paths: &Paths) -> PathBuf {
+    paths.p(VOLUME_MOUNT).join(RECORD)
+}
+
+pub fn read_record(paths: &Paths) -> Result<Option<Record>, String> {
+    let p = record_path(paths);
+    match std::fs::read_to_string(&p) {
+        Ok(t) => toml::from_str(&t)
+            .map(Some)
+            .map_err(|e| format!("{} is damaged: {}", p.display(), e.message())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+    }
+}
+
+/// Writes the record durably: temp file, fsync, rename, fsync the directory.
+pub fn write_record(paths: &Paths, r: &Record) -> Result<(), String> {
+    let p = record_path(paths);
+    let dir = p.parent().unwrap_or(Path::new("/"));
+    let tmp = dir.join("record.toml.tmp");
+    let text = toml::to_string(r).map_err(|e| e.to_string())?;
+    let io = |e: std::io::Error| format!("cannot write {}: {e}", p.display());
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &p).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
+
+/// True when a filesystem root holds nothing but `lost+found` (a fresh mkfs).
+pub fn is_empty_fs(root: &Path) -> bool {
+    std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .all(|e| e.file_name() == "lost+found" || e.file_name() == ".spotinit")
+        })
+        .unwrap_or(false)
+}
+
+/// Mounts the volume's filesystem at [`VOLUME_MOUNT`].
+pub fn mount_volume<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+    device: &Path,
+) -> Result<PathBuf, SysError> {
+    let target = paths.p(VOLUME_MOUNT);
+    std::fs::create_dir_all(&target)
+        .map_err(|e| SysError::io("mkdir", target.display().to_string(), &e))?;
+    sys.mount(&MountSpec::fs(
+        "ext4",
+        &device.to_string_lossy(),
+        target.clone(),
+        MsFlags::MS_NOATIME,
+        "",
+    ))?;
+    Ok(target)
+}
+
+/// Creates the directories on the volume and binds them into place. Returns the bind targets.
+pub fn bind_state_dirs<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+) -> Result<Vec<PathBuf>, SysError> {
+    let vol = paths.p(VOLUME_MOUNT);
+    let mut done = Vec::new();
+    for (dir, target) in BINDS {
+        let src = vol.join(dir);
+        let dst = paths.p(target);
+        for d in [&src, &dst] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| SysError::io("mkdir", d.display().to_string(), &e))?;
+        }
+        sys.mount(&MountSpec::bind(src, dst.clone()))?;
+        done.push(dst);
+    }
+    Ok(done)
+}
+
+/// RFC 3339 UTC time, without a date crate.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SSZ` (fractions allowed) into a SystemTime.
+pub fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (h, mi, se) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = if mo > 2 { mo - 3 } else { mo + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86400 + h * 3600 + mi * 60 + se;
+    u64::try_from(secs)
+        .ok()
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn time_round_trips() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_694_400); // 2026-11-26T12:00:00Z
+        assert_eq!(rfc3339(t), "2026-11-26T12:00:00Z");
+        assert_eq!(parse_rfc3339("2026-11-26T12:00:00Z"), Some(t));
+        assert_eq!(parse_rfc3339("2026-11-26T12:00:00.000Z"), Some(t));
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn record_round_trips_durably() {
+        let root = std::env::temp_dir().join(format!("spotinit-rec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let paths = Paths::under(&root);
+        assert_eq!(read_record(&paths).unwrap(), None);
+        let r = Record {
+            format: RECORD_FORMAT,
+            volume_id: "vol-1".into(),
+            storage_driver: "overlay2".into(),
+            boot_count: 3,
+            ..Record::default()
+        };
+        write_record(&paths, &r).unwrap();
+        assert_eq!(read_record(&paths).unwrap(), Some(r));
+        std::fs::write(record_path(&paths), "format = [").unwrap();
+        assert!(read_record(&paths).unwrap_err().contains("damaged"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,278 @@
+//! The state volume: find or create it, follow it across zones, own it exclusively, find its
+//! disk, prepare the filesystem, mount it where Docker expects it, and give it back at shutdown.
+//!
+//! [`VolumePhase`] is what the boot sees; [`ebs::EbsVolume`] is the real one. Every failure is a
+//! [`VolumeError`] that names the step, the volume and what the user can do, and says whether
+//! trying again could help. None of them lets Docker start (see [`verify_docker_state`]).
+
+pub mod attach;
+pub mod device;
+pub mod ebs;
+pub mod fs;
+pub mod layout;
+pub mod select;
+
+use crate::cloud::CloudError;
+use crate::console::human;
+use crate::sys::{Paths, SysError};
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The volume, mounted and bound into place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mounted {
+    pub volume_id: String,
+    pub device: PathBuf,
+    pub record: layout::Record,
+}
+
+/// The boot's view of the volume phase.
+pub trait VolumePhase: Send {
+    /// Own the volume and mount it. May be called again after a retryable failure: it picks up
+    /// where the last try stopped.
+    fn acquire(&mut self) -> impl Future<Output = Result<Mounted, VolumeError>> + Send;
+    /// After Docker stopped: mark the shutdown clean, unmount, detach. Safe to call when the
+    /// acquire got only part of the way (or nowhere).
+    fn release(&mut self) -> impl Future<Output = Result<(), VolumeError>> + Send;
+}
+
+/// The step that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Select,
+    Create,
+    Move,
+    Attach,
+    Device,
+    Probe,
+    Format,
+    Check,
+    Mount,
+    Record,
+    Grow,
+    Unmount,
+    Detach,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::Select => "find",
+            Step::Create => "create",
+            Step::Move => "move to this zone",
+            Step::Attach => "attach",
+            Step::Device => "find its disk",
+            Step::Probe => "read its disk",
+            Step::Format => "format",
+            Step::Check => "check its filesystem",
+            Step::Mount => "mount",
+            Step::Record => "check its record",
+            Step::Grow => "grow its filesystem",
+            Step::Unmount => "unmount",
+            Step::Detach => "detach",
+        })
+    }
+}
+
+/// Why the state volume is not ready. Display gives the cause and the fix.
+#[derive(Debug)]
+pub enum VolumeError {
+    /// An EC2 call failed (after retries where retrying made sense).
+    Api { step: Step, err: CloudError },
+    /// No such volume, or none tagged so and creation is off.
+    NotFound { what: String, fix: String },
+    /// Several volumes match the tags.
+    Ambiguous { what: String, found: Vec<String> },
+    /// The volume is in another zone and following it is off.
+    WrongZone {
+        volume: String,
+        zone: String,
+        ours: String,
+    },
+    /// A live instance holds the volume.
+    HeldByRunning {
+        volume: String,
+        holder: String,
+        state: String,
+    },
+    /// A dead instance still holds it after the release wait, and force-detach is off.
+    NotReleased {
+        volume: String,
+        holder: String,
+        state: String,
+        waited: Duration,
+    },
+    /// A wait ran past its deadline.
+    Timeout {
+        step: Step,
+        volume: String,
+        detail: String,
+    },
+    /// The disk did not appear, or could not be read.
+    Device { volume: String, detail: String },
+    /// The disk holds something that is not a filesystem we may use.
+    ForeignData {
+        volume: String,
+        device: String,
+        found: String,
+    },
+    /// e2fsck left errors.
+    Fsck {
+        volume: String,
+        device: String,
+        detail: String,
+    },
+    /// A command (mkfs, resize2fs) failed.
+    Command {
+        step: Step,
+        volume: String,
+        detail: String,
+    },
+    /// A mount or unmount failed.
+    Sys {
+        step: Step,
+        volume: String,
+        err: SysError,
+    },
+    /// An ext4 filesystem with data but no spotinit record: not knowingly Docker's state.
+    NoRecord { volume: String },
+    /// The record names another Docker storage driver than configured.
+    DriverMismatch {
+        volume: String,
+        recorded: String,
+        configured: String,
+    },
+    /// The record is unreadable or belongs to another volume.
+    Record { volume: String, detail: String },
+}
+
+impl VolumeError {
+    /// Could trying again (after a while) succeed?
+    pub fn retryable(&self) -> bool {
+        match self {
+            VolumeError::Api { err, .. } => {
+                err.is_retryable()
+                    || matches!(
+                        err.kind,
+                        crate::cloud::ErrorKind::InUse | crate::cloud::ErrorKind::IncorrectState
+                    )
+            }
+            VolumeError::HeldByRunning { .. }
+            | VolumeError::NotReleased { .. }
+            | VolumeError::Timeout { .. }
+            | VolumeError::Device { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for VolumeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VolumeError::Api { step, err } => write!(f, "cannot {step} the state volume: {err}"),
+            VolumeError::NotFound { what, fix } => write!(f, "{what}. {fix}"),
+            VolumeError::Ambiguous { what, found } => write!(
+                f,
+                "{what} matches {} volumes: {}. Keep one (delete or re-tag the others) or set volume.id",
+                found.len(),
+                found.join("; ")
+            ),
+            VolumeError::WrongZone { volume, zone, ours } => write!(
+                f,
+                "state volume {volume} is in {zone} but this instance is in {ours}. Launch in {zone}, or set volume.follow_across_zones = true to move it here through a snapshot"
+            ),
+            VolumeError::HeldByRunning { volume, holder, state } => write!(
+                f,
+                "state volume {volume} is attached to instance {holder}, which is {state}: another live instance owns this state, so this one will not share it. Stop or terminate {holder}; this instance takes the volume once EC2 releases it"
+            ),
+            VolumeError::NotReleased { volume, holder, state, waited } => write!(
+                f,
+                "state volume {volume} is still attached to instance {holder} ({state}) after waiting {}. EC2 usually releases it within minutes; set volume.force_detach = true to force it (the filesystem then gets a full check)",
+                human(*waited)
+            ),
+            VolumeError::Timeout { step, volume, detail } => {
+                write!(f, "cannot {step} state volume {volume}: {detail}")
+            }
+            VolumeError::Device { volume, detail } => write!(
+                f,
+                "state volume {volume} is attached but its disk is not usable: {detail}"
+            ),
+            VolumeError::ForeignData { volume, device, found } => write!(
+                f,
+                "state volume {volume} ({device}) holds {found}, not an ext4 filesystem. spotinit never formats a volume that holds anything: point volume.id/volume.tags at the right volume, or wipe this one yourself if its content is not needed"
+            ),
+            VolumeError::Fsck { volume, device, detail } => write!(
+                f,
+                "the filesystem of state volume {volume} ({device}) needs repair: {detail}. Attach it to another instance and run e2fsck -f on it"
+            ),
+            VolumeError::Command { step, volume, detail } => {
+                write!(f, "cannot {step} state volume {volume}: {detail}")
+            }
+            VolumeError::Sys { step, volume, err } => {
+                write!(f, "cannot {step} state volume {volume}: {err}")
+            }
+            VolumeError::NoRecord { volume } => write!(
+                f,
+                "state volume {volume} has an ext4 filesystem with data but no spotinit record ({}), so it is not known to be this host's Docker state. If it is (for example Docker data from a manual setup), move that data into a directory named docker/ on it and create the record as the README explains",
+                layout::RECORD
+            ),
+            VolumeError::DriverMismatch { volume, recorded, configured } => write!(
+                f,
+                "state volume {volume} holds Docker state made with the {recorded} storage driver, but docker.storage_driver is {configured}: Docker would not see the existing containers and images. Set docker.storage_driver = \"{recorded}\", or migrate (README: changing the storage driver)"
+            ),
+            VolumeError::Record { volume, detail } => {
+                write!(f, "state volume {volume}: {detail}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for VolumeError {}
+
+/// The golden rule, checked in one place right before containerd starts: /var/lib/docker and
+/// /var/lib/containerd are bind mounts of the state volume's directories, and the volume's
+/// record is the one this boot wrote. Anything else and Docker does not start.
+pub fn verify_docker_state(paths: &Paths, m: &Mounted, storage_driver: &str) -> Result<(), String> {
+    let mounts = crate::sys::mounts(paths);
+    let volume_mount = paths.p(layout::VOLUME_MOUNT);
+    let vol = mounts
+        .iter()
+        .rev()
+        .find(|i| i.mount_point == volume_mount)
+        .ok_or_else(|| format!("{} is not mounted", volume_mount.display()))?;
+    for (dir, target) in layout::BINDS {
+        let target = paths.p(target);
+        let bound = mounts
+            .iter()
+            .rev()
+            .find(|i| i.mount_point == target)
+            .ok_or_else(|| format!("{} is not mounted", target.display()))?;
+        if bound.device != vol.device || bound.root != format!("/{dir}") {
+            return Err(format!(
+                "{} is {} {} from device {}, not {dir}/ of the state volume (device {})",
+                target.display(),
+                bound.fstype,
+                bound.root,
+                bound.device,
+                vol.device
+            ));
+        }
+    }
+    let record =
+        layout::read_record(paths)?.ok_or_else(|| "the state volume has no record".to_string())?;
+    if record.volume_id != m.volume_id || record.last_instance != m.record.last_instance {
+        return Err(format!(
+            "the record on the mounted volume (volume {}, instance {}) is not the one this boot wrote (volume {}, instance {})",
+            record.volume_id, record.last_instance, m.volume_id, m.record.last_instance
+        ));
+    }
+    if record.storage_driver != storage_driver {
+        return Err(format!(
+            "the record says storage driver {}, the configuration {storage_driver}",
+            record.storage_driver
+        ));
+    }
+    Ok(())
+}
