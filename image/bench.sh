@@ -16,6 +16,15 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -n ${SPOTINIT_BIN:-} ]]; then
+    bin=$(realpath -m "$SPOTINIT_BIN")
+elif [[ -n ${CARGO_TARGET_DIR:-} ]]; then
+    bin=$(realpath -m "$CARGO_TARGET_DIR/release/spotinit")
+else
+    bin=$repo/target/release/spotinit
+fi
+[[ -x $bin ]] || bin=$repo/image/placeholder-init
+export SPOTINIT_BIN=$bin
 cd "$repo"
 
 cold=1 boots=3 uefi=1
@@ -30,9 +39,6 @@ while (($#)); do
     shift
 done
 
-bin=${SPOTINIT_BIN:-${CARGO_TARGET_DIR:-target}/release/spotinit}
-[[ -x $bin ]] || bin=image/placeholder-init
-export SPOTINIT_BIN=$bin
 
 # elapsed START [END]: seconds between two $EPOCHREALTIME values
 elapsed() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a }'; }
@@ -76,7 +82,7 @@ boot() {
         if [[ -z $t_initrd && $line == *"initrd: root "* ]]; then
             t_initrd=$(elapsed "$start")
             up=$(sed -n 's/.* mounted at \([0-9.]*\) s uptime.*/\1/p' <<<"$line")
-        elif [[ -n $t_initrd && -n ${line//[[:space:]]/} && ! $line =~ ^\[\ *[0-9]+\.[0-9]+\] ]]; then
+        elif [[ -n $t_initrd && -n ${line//[[:space:]]/} && ! $line =~ ^\[\ *[0-9]+\.[0-9]{6}\] ]]; then
             t_init=$(elapsed "$start")
             first=$line
             break

@@ -14,9 +14,15 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Relative SPOTINIT_BIN and CARGO_TARGET_DIR are relative to the caller's directory, as for cargo.
+if [[ -n ${SPOTINIT_BIN:-} ]]; then
+    bin=$(realpath -m "$SPOTINIT_BIN")
+elif [[ -n ${CARGO_TARGET_DIR:-} ]]; then
+    bin=$(realpath -m "$CARGO_TARGET_DIR/release/spotinit")
+else
+    bin=$repo/target/release/spotinit
+fi
 cd "$repo"
-
-bin=${SPOTINIT_BIN:-${CARGO_TARGET_DIR:-target}/release/spotinit}
 tree=build/mkosi.output/tree
 stamp=build/mkosi.output/inputs.sha256
 work=build/work
@@ -72,6 +78,11 @@ cp -a --reflink=auto "$tree" "$work/root"
 root=$work/root
 install -m 0755 "$bin" "$root/usr/sbin/spotinit"
 ln -s spotinit "$root/usr/sbin/init"
+# A dynamically linked spotinit must find its libraries (and glibc symbol versions) in the image.
+if [[ $(head -c4 "$bin" | od -An -tx1 | tr -d ' ') == 7f454c46 ]]; then
+    missing=$(chroot "$root" /usr/bin/ldd /usr/sbin/spotinit 2>&1 | grep 'not found' || true)
+    [[ -z $missing ]] || die "spotinit needs what the image lacks (build it on Debian 12 or statically):"$'\n'"$missing"
+fi
 
 kvers=("$root"/usr/lib/modules/*)
 kver=${kvers[0]##*/}
