@@ -191,7 +191,18 @@ impl Fidelity {
         let handler_shared = shared.clone();
         let (addr, server) = serve_loopback(move |req| {
             let shared = handler_shared.clone();
-            async move { shared.handle(req).await }
+            async move {
+                // A task of its own, so a client that gives up (a timeout) cannot cut a request
+                // in half, e.g. between moto's attach and the overlay's `attaching`.
+                match tokio::spawn(shared.handle(req)).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        eprintln!("spotworld fidelity: request handler failed: {e}");
+                        let error = internal_error();
+                        http_response(500, &[], error.document(&request_id()))
+                    }
+                }
+            }
         })
         .await?;
         Ok(Fidelity {

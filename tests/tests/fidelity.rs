@@ -746,7 +746,13 @@ async fn a_failed_detach_hook_leaves_the_volume_busy_until_a_force_detach() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_instance_holds_its_volume_until_the_release_delay() {
-    let w = world(fast_settings()).await;
+    // Shutting down long enough to look at it calmly on a loaded machine.
+    let w = world(Settings {
+        shutting_down: Duration::from_secs(2),
+        release_after_termination: Duration::from_secs(4),
+        ..fast_settings()
+    })
+    .await;
     let dead = w.run_instance(ZONE_A).await;
     let next = w.run_instance(ZONE_A).await;
     let volume = w.create_volume(ZONE_A, 10).await;
