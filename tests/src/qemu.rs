@@ -533,57 +533,90 @@ impl ConsoleCursor {
     }
 }
 
-/// Reads the serial console (QEMU's stdout) until EOF: splits lines, strips `\r`, timestamps each
-/// line with the arrival of its first byte, logs it and publishes it.
+/// Turns console bytes into lines: splits on `\n`, drops `\r` and terminal escape sequences
+/// (firmware clears the screen and moves the cursor), and stamps each line with the arrival of its
+/// first byte.
+#[derive(Default)]
+struct LineSplitter {
+    pending: Vec<u8>,
+    pending_at: Option<Duration>,
+    escape: Escape,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    #[default]
+    None,
+    /// After ESC.
+    Started,
+    /// In a CSI sequence (`ESC [` parameters, then a final byte 0x40..=0x7E).
+    Csi,
+}
+
+impl LineSplitter {
+    /// Feed bytes received at `now`; returns the lines they completed.
+    fn feed(&mut self, bytes: &[u8], now: Duration) -> Vec<ConsoleLine> {
+        let mut complete = Vec::new();
+        for &b in bytes {
+            match (self.escape, b) {
+                (Escape::Started, b'[') => self.escape = Escape::Csi,
+                // Two-byte sequences (ESC c, ESC 7, …): drop the second byte too.
+                (Escape::Started, _) => self.escape = Escape::None,
+                (Escape::Csi, 0x40..=0x7e) => self.escape = Escape::None,
+                (Escape::Csi, _) => {}
+                (Escape::None, 0x1b) => self.escape = Escape::Started,
+                (Escape::None, b'\n') => {
+                    let at = self.pending_at.take().unwrap_or(now);
+                    complete.push(ConsoleLine {
+                        at,
+                        text: String::from_utf8_lossy(&self.pending).into_owned(),
+                    });
+                    self.pending.clear();
+                }
+                (Escape::None, b'\r') => {}
+                (Escape::None, _) => {
+                    self.pending_at.get_or_insert(now);
+                    self.pending.push(b);
+                }
+            }
+        }
+        complete
+    }
+
+    /// The line received so far without its newline.
+    fn partial(&self) -> Option<ConsoleLine> {
+        self.pending_at.map(|at| ConsoleLine {
+            at,
+            text: String::from_utf8_lossy(&self.pending).into_owned(),
+        })
+    }
+}
+
+/// Reads the serial console (QEMU's stdout) until EOF, logging and publishing each line.
 async fn read_console(
     mut stdout: impl AsyncRead + Unpin,
     shared: Arc<Shared>,
     mut log: std::fs::File,
 ) {
     let mut buf = vec![0u8; 8192];
-    let mut pending: Vec<u8> = Vec::new();
-    let mut pending_at: Option<Duration> = None;
+    let mut splitter = LineSplitter::default();
     loop {
         let n = match stdout.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let now = shared.uptime();
-        let mut complete = Vec::new();
-        for &b in &buf[..n] {
-            match b {
-                b'\n' => {
-                    let at = pending_at.take().unwrap_or(now);
-                    complete.push(ConsoleLine {
-                        at,
-                        text: String::from_utf8_lossy(&pending).into_owned(),
-                    });
-                    pending.clear();
-                }
-                b'\r' => {}
-                _ => {
-                    pending_at.get_or_insert(now);
-                    pending.push(b);
-                }
-            }
-        }
+        let complete = splitter.feed(&buf[..n], shared.uptime());
         for line in &complete {
             // The log is for humans tailing it; a failed write must not stop the capture.
             let _ = writeln!(log, "{line}");
         }
-        let partial = pending_at.map(|at| ConsoleLine {
-            at,
-            text: String::from_utf8_lossy(&pending).into_owned(),
-        });
+        let partial = splitter.partial();
         shared.update(|st| {
             st.lines.extend(complete);
             st.partial = partial;
         });
     }
-    let last = pending_at.map(|at| ConsoleLine {
-        at,
-        text: String::from_utf8_lossy(&pending).into_owned(),
-    });
+    let last = splitter.partial();
     if let Some(line) = &last {
         let _ = writeln!(log, "{line}");
     }
@@ -1605,5 +1638,69 @@ fn shell_quote(arg: &str) -> String {
         arg.to_owned()
     } else {
         format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn splitter_joins_chunks_strips_cr_and_escapes_and_stamps_first_bytes() {
+        let mut splitter = LineSplitter::default();
+        assert!(splitter.feed(b"", secs(1)).is_empty());
+        let first = splitter.feed(b"ab\r\nc", secs(1));
+        assert_eq!(
+            first,
+            vec![ConsoleLine {
+                at: secs(1),
+                text: "ab".into()
+            }]
+        );
+        assert_eq!(splitter.partial().unwrap().text, "c");
+        let second = splitter.feed(b"d\x1b[2J\x1b[01;01H\x1b[=3he\x1bcf\n\n", secs(2));
+        assert_eq!(
+            second,
+            vec![
+                ConsoleLine {
+                    at: secs(1),
+                    text: "cdef".into()
+                },
+                ConsoleLine {
+                    at: secs(2),
+                    text: "".into()
+                },
+            ]
+        );
+        assert!(splitter.partial().is_none());
+        // An escape sequence split across reads.
+        assert!(splitter.feed(b"x\x1b[0", secs(3)).is_empty());
+        let third = splitter.feed(b"1;02Hy\n", secs(4));
+        assert_eq!(
+            third,
+            vec![ConsoleLine {
+                at: secs(3),
+                text: "xy".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn serials_longer_than_twenty_bytes_or_with_spaces_are_refused() {
+        assert!(validate_serial("vol0123456789abcdef0").is_ok());
+        assert!(validate_serial("vol0123456789abcdef01").is_err());
+        assert!(validate_serial("").is_err());
+        assert!(validate_serial("vol 1").is_err());
+    }
+
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        assert_eq!(shell_quote("-m"), "-m");
+        assert_eq!(shell_quote("console=ttyS0 quiet"), "'console=ttyS0 quiet'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
     }
 }
