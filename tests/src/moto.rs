@@ -447,6 +447,8 @@ impl Ec2Client {
             })
     }
 
+    /// TerminateInstances. Against moto the instance's volumes are free at once; against the
+    /// fidelity layer they are held for its release delay, as on EC2.
     pub async fn terminate_instance(&self, instance_id: &str) -> Result<(), CallError> {
         self.call("TerminateInstances", &[("InstanceId.1", instance_id)])
             .await
