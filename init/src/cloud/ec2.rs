@@ -249,6 +249,9 @@ impl Ec2 for Ec2Client {
         if let Some(s) = &v.snapshot_id {
             req = req.snapshot_id(s);
         }
+        if let Some(t) = &v.client_token {
+            req = req.client_token(t);
+        }
         let out = req
             .send()
             .await

@@ -76,6 +76,9 @@ pub struct NewVolume {
     pub kms_key_id: Option<String>,
     pub snapshot_id: Option<String>,
     pub tags: BTreeMap<String, String>,
+    /// Idempotency token: a retried CreateVolume whose first try did reach EC2 returns the
+    /// same volume instead of a second one.
+    pub client_token: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

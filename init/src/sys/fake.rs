@@ -86,6 +86,7 @@ pub enum Behavior {
 }
 
 type SpawnHook = Arc<dyn Fn(&CommandSpec) + Send + Sync>;
+type OpHook = Arc<dyn Fn(&Op) + Send + Sync>;
 type FailRule = Box<dyn Fn(&Op) -> bool + Send + Sync>;
 
 struct Running {
@@ -102,6 +103,7 @@ struct State {
     behaviors: HashMap<String, Behavior>,
     exit_codes: HashMap<String, Vec<i32>>,
     hooks: HashMap<String, SpawnHook>,
+    op_hooks: Vec<OpHook>,
     failures: Vec<(FailRule, Errno)>,
 }
 
@@ -144,6 +146,11 @@ impl FakeSystem {
     /// Runs `hook` when `program` is spawned (e.g. to open the socket a daemon would).
     pub fn on_spawn(&self, program: &str, hook: impl Fn(&CommandSpec) + Send + Sync + 'static) {
         self.st().hooks.insert(program.into(), Arc::new(hook));
+    }
+
+    /// Runs `hook` after every successful call (e.g. to make a fake mount show content).
+    pub fn on_op(&self, hook: impl Fn(&Op) + Send + Sync + 'static) {
+        self.st().op_hooks.push(Arc::new(hook));
     }
 
     /// Every call matching `rule` fails with `errno` (and is still recorded).
@@ -197,16 +204,24 @@ impl FakeSystem {
     }
 
     fn record(&self, op: Op, what: &str, name: &'static str) -> SysResult<()> {
-        let mut st = self.st();
-        let failed = st
-            .failures
-            .iter()
-            .find(|(rule, _)| rule(&op))
-            .map(|(_, e)| *e);
-        st.ops.push(op);
+        let (failed, hooks) = {
+            let mut st = self.st();
+            let failed = st
+                .failures
+                .iter()
+                .find(|(rule, _)| rule(&op))
+                .map(|(_, e)| *e);
+            st.ops.push(op.clone());
+            (failed, st.op_hooks.clone())
+        };
         match failed {
             Some(errno) => Err(SysError::new(name, what, errno)),
-            None => Ok(()),
+            None => {
+                for h in hooks {
+                    h(&op);
+                }
+                Ok(())
+            }
         }
     }
 

@@ -151,6 +151,15 @@ async fn by_tags<E: Ec2>(
     }
 }
 
+/// One token per creation attempt, reused by its retries (EC2 keeps tokens for 24 hours).
+fn client_token(me: &Identity) -> String {
+    format!(
+        "spotinit-{}-{:016x}",
+        me.instance_id,
+        crate::retry::random_u64()
+    )
+}
+
 fn now() -> String {
     super::layout::rfc3339(SystemTime::now())
 }
@@ -173,6 +182,7 @@ async fn create<E: Ec2>(
         kms_key_id: cfg.kms_key_id.clone(),
         snapshot_id: None,
         tags,
+        client_token: Some(client_token(me)),
     };
     crate::log!(
         "volume: none {} exists; creating {} GiB {} in {}{}",
@@ -310,6 +320,7 @@ async fn move_here<E: Ec2>(
         kms_key_id: old.kms_key_id.clone(),
         snapshot_id: Some(snap.clone()),
         tags,
+        client_token: Some(client_token(me)),
     };
     let new = api("CreateVolume", || ec2.create_volume(&spec))
         .await
