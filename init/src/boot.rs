@@ -215,7 +215,10 @@ pub async fn boot<S: System, P: Platform>(
         // evdev is loaded now, so the ACPI power button (EC2 stop/terminate) can be read.
         let buttons = crate::power::listen_power_button(paths, m.requests.clone());
         if buttons == 0 {
-            crate::log!("power button: none found; stop and terminate still work through ACPI signals only if the kernel forwards them");
+            crate::log!(
+                "power button: no input device named \"Power Button\" (input devices: {}); EC2 stop and terminate will not drain cleanly",
+                crate::power::input_devices(paths).join(", ")
+            );
         }
         let net = phase(
             "network",

@@ -72,6 +72,7 @@ pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<Pa
         "/var/tmp",
         "/var/cache",
         "/run/spotinit",
+        "/run/spotinit/home",
         "/run/lock",
     ];
     for d in dirs {
@@ -95,25 +96,31 @@ pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<Pa
     Ok(made)
 }
 
-/// Modaliases of every device the kernel found (what udev's coldplug would load drivers for).
+/// Modaliases of every device the kernel found (what udev's coldplug would load drivers for):
+/// every `modalias` file under /sys/devices. Bus devices and class devices both (the power
+/// button's input device is a class device, found nowhere under /sys/bus).
 pub fn modaliases(paths: &Paths) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(buses) = std::fs::read_dir(paths.p("/sys/bus")) else {
-        return out;
-    };
-    for bus in buses.flatten() {
-        let Ok(devs) = std::fs::read_dir(bus.path().join("devices")) else {
-            continue;
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
         };
-        for dev in devs.flatten() {
-            if let Ok(a) = std::fs::read_to_string(dev.path().join("modalias")) {
-                let a = a.trim();
-                if !a.is_empty() && !out.iter().any(|x| x == a) {
-                    out.push(a.to_string());
+        for e in rd.flatten() {
+            // Not following symlinks: sysfs links (subsystem, driver, device) make cycles.
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() && depth < 16 {
+                walk(&e.path(), depth + 1, out);
+            } else if ft.is_file() && e.file_name() == "modalias" {
+                if let Ok(a) = std::fs::read_to_string(e.path()) {
+                    let a = a.trim();
+                    if !a.is_empty() && !out.iter().any(|x| x == a) {
+                        out.push(a.to_string());
+                    }
                 }
             }
         }
     }
+    let mut out = Vec::new();
+    walk(&paths.p("/sys/devices"), 0, &mut out);
     out.sort();
     out
 }
@@ -122,18 +129,30 @@ pub fn modaliases(paths: &Paths) -> Vec<String> {
 pub const DOCKER_MODULES: [&str; 4] = ["overlay", "br_netfilter", "veth", "nf_conntrack"];
 
 /// Loads drivers for present devices (network, input for the power button, ...) and Docker's
-/// modules, in one modprobe run each. A module that is missing is not fatal here: Docker
-/// reports what it lacks.
+/// modules. Without udev nobody else does: a pass loads the drivers for the devices present,
+/// and those drivers can reveal new devices (virtio_pci -> virtio_net; button -> an input
+/// device -> evdev), so passes repeat until no new alias appears. A module that is missing is
+/// not fatal here: Docker reports what it lacks.
 pub async fn load_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<String, String> {
-    let aliases = modaliases(paths);
-    let n = aliases.len();
-    if !aliases.is_empty() {
-        let cmd = CommandSpec::new("/usr/sbin/modprobe")
-            .args(["-a", "-b", "-q"])
-            .args(aliases);
-        if let Err(e) = crate::sys::run(sys, &cmd).await {
-            crate::log!("modules: some device drivers did not load: {e}");
+    let mut tried: Vec<String> = Vec::new();
+    let mut passes = 0;
+    loop {
+        let fresh: Vec<String> = modaliases(paths)
+            .into_iter()
+            .filter(|a| !tried.contains(a))
+            .collect();
+        if fresh.is_empty() || passes == 5 {
+            break;
         }
+        passes += 1;
+        // Exit status 1 is normal: most platform and ACPI aliases have no module, and
+        // modprobe says so for each. Not `-q`: with -q, -a stops at the first such alias.
+        let cmd = CommandSpec::new("/usr/sbin/modprobe")
+            .args(["-a", "-b"])
+            .args(fresh.iter().cloned())
+            .output(crate::sys::Output::Null);
+        let _ = crate::sys::run_code(sys, &cmd).await;
+        tried.extend(fresh);
     }
     let cmd = CommandSpec::new("/usr/sbin/modprobe")
         .args(["-a", "-q"])
@@ -142,7 +161,8 @@ pub async fn load_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<
         crate::log!("modules: {e}");
     }
     Ok(format!(
-        "{n} device aliases, plus {}",
+        "{} device aliases in {passes} passes, plus {}",
+        tried.len(),
         DOCKER_MODULES.join(" ")
     ))
 }
@@ -298,12 +318,58 @@ mod tests {
             ("pci", "0000:00:03.0", "pci:v00001AF4d00001000sv*"),
             ("acpi", "LNXPWRBN:00", "acpi:LNXPWRBN:"),
         ] {
-            let d = root.join("sys/bus").join(bus).join("devices").join(dev);
+            let d = root.join("sys/devices").join(bus).join(dev);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("modalias"), format!("{alias}\n")).unwrap();
         }
+        // sysfs is full of links back up the tree; the walk must not follow them.
+        std::os::unix::fs::symlink("..", root.join("sys/devices/pci/0000:00:02.0/subsystem"))
+            .unwrap();
         let a = modaliases(&Paths::under(&root));
         assert_eq!(a, vec!["acpi:LNXPWRBN:", "pci:v00001AF4d00001000sv*"]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn module_passes_repeat_while_drivers_reveal_devices() {
+        use crate::sys::fake::FakeSystem;
+        let root = tmp("passes");
+        let dev = |bus: &str, name: &str, alias: &str| {
+            let d = root.join("sys/devices").join(bus).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("modalias"), alias).unwrap();
+        };
+        dev("pci", "0000:00:02.0", "pci:v00001AF4d00001041");
+        let fake = FakeSystem::new(&root);
+        // Loading virtio_pci makes the virtio bus show the NIC; then nothing new appears.
+        let r = root.clone();
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n2 = n.clone();
+        fake.on_spawn("modprobe", move |_| {
+            if n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let d = r.join("sys/devices/pci0000:00/0000:00:02.0/virtio0");
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("modalias"), "virtio:d00000001v00001AF4").unwrap();
+            }
+        });
+        let summary = load_modules(&fake, &Paths::under(&root)).await.unwrap();
+        assert!(
+            summary.contains("2 device aliases in 2 passes"),
+            "{summary}"
+        );
+        let spawns: Vec<Vec<String>> = fake
+            .ops()
+            .into_iter()
+            .filter_map(|op| match op {
+                crate::sys::fake::Op::Spawn { args, .. } => Some(args),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(spawns.len(), 3, "two coldplug passes and Docker's modules");
+        assert!(spawns[0].contains(&"pci:v00001AF4d00001041".to_string()));
+        assert!(spawns[1].contains(&"virtio:d00000001v00001AF4".to_string()));
+        assert!(!spawns[1].contains(&"pci:v00001AF4d00001041".to_string()));
+        assert!(spawns[2].contains(&"overlay".to_string()));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

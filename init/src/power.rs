@@ -33,6 +33,24 @@ pub fn listen_signals(tx: mpsc::UnboundedSender<Request>, then: Then) {
     }
 }
 
+/// `event0=Power Button`-style names of every input event device, for messages.
+pub fn input_devices(paths: &Paths) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(paths.p("/sys/class/input")) else {
+        return vec!["none: /sys/class/input is missing".into()];
+    };
+    let mut v: Vec<String> = rd
+        .flatten()
+        .map(|e| {
+            let name = std::fs::read_to_string(e.path().join("device/name"))
+                .or_else(|_| std::fs::read_to_string(e.path().join("name")))
+                .unwrap_or_default();
+            format!("{}={}", e.file_name().to_string_lossy(), name.trim())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// Input event devices whose name is "Power Button".
 pub fn power_buttons(paths: &Paths) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(paths.p("/sys/class/input")) else {

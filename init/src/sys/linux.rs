@@ -76,6 +76,8 @@ impl System for Linux {
         c.args(&cmd.args)
             .env_clear()
             .env("PATH", SAFE_PATH)
+            // The root is read-only; programs that want a home get a writable one.
+            .env("HOME", "/run/spotinit/home")
             .envs(cmd.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         let mut log_reader = None;
