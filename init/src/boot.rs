@@ -71,6 +71,8 @@ pub trait Platform {
     ) -> Result<Self::Volume, String>;
     /// Starts watching for spot notices (and other instance events) once IMDS is known.
     fn watch(&self, cfg: &Config, meta: &Self::Meta, requests: mpsc::UnboundedSender<Request>);
+    /// Starts what needs the state volume: its snapshots.
+    fn volume_ready(&self, cfg: &Config, identity: &Identity, meta: &Self::Meta, volume_id: &str);
 }
 
 /// What the boot got done, for the shutdown.
@@ -288,6 +290,7 @@ pub async fn boot<S: System, P: Platform>(
             }
             let vol = st.volume.as_mut().expect("set above");
             let mounted = phase("volume", acquire_with_retries(vol, &config)).await?;
+            platform.volume_ready(&config, &identity, &meta, &mounted.volume_id);
             st.mounted = Some(mounted);
         }
     }

@@ -154,6 +154,12 @@ impl Platform for FakeCloud {
         })
     }
     fn watch(&self, _: &Config, _: &FakeMeta, _: mpsc::UnboundedSender<Request>) {}
+    fn volume_ready(&self, _: &Config, _: &Identity, _: &FakeMeta, _: &str) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.fake.ops().len(), "volume ready"));
+    }
 }
 
 /// A temp root with what the boot reads, and fake daemons that open their sockets when

@@ -1,15 +1,20 @@
 //! The spot lifecycle: watch IMDS for the interruption notice (and the rebalance
-//! recommendation), turn a notice into one shutdown request with EC2's deadline, and stop the
-//! containers within the time left.
+//! recommendation), turn a notice into one shutdown request with EC2's deadline, stop the
+//! containers within the time left; keep recent snapshots of the state volume (on a rebalance
+//! recommendation and on a schedule), pruning only spotinit's own; and hold the instance's
+//! stable address (an Elastic IP re-associated from the dead predecessor).
 
 use crate::boot::Machine;
-use crate::cloud::Metadata;
+use crate::cloud::{CloudError, Ec2, Identity, Metadata, SnapshotInfo};
 use crate::config::{AfterDrain, Config};
 use crate::console::human;
 use crate::services::docker;
 use crate::shutdown::{Request, Then};
 use crate::sys::System;
+use crate::volume::attach::api;
 use crate::volume::layout::parse_rfc3339;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,9 +32,21 @@ pub fn deadline_of(time: &str) -> Instant {
     }
 }
 
+/// What the watcher hands on to the maintenance task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The rebalance recommendation, with its notice time.
+    Rebalance(String),
+}
+
 /// Polls IMDS every `spot.poll_secs`. A notice is acted on once; a failing IMDS is reported
 /// (once per streak) and never stops the watcher.
-pub fn watch<M: Metadata + Clone>(meta: M, cfg: &Config, tx: mpsc::UnboundedSender<Request>) {
+pub fn watch<M: Metadata + Clone>(
+    meta: M,
+    cfg: &Config,
+    tx: mpsc::UnboundedSender<Request>,
+    events: mpsc::UnboundedSender<Event>,
+) {
     if !cfg.spot.watch {
         return;
     }
@@ -81,6 +98,7 @@ pub fn watch<M: Metadata + Clone>(meta: M, cfg: &Config, tx: mpsc::UnboundedSend
                 if let Ok(Some(t)) = meta.rebalance().await {
                     rebalance_seen = true;
                     crate::log!("spot: rebalance recommendation at {t}: this instance is at elevated risk of interruption");
+                    let _ = events.send(Event::Rebalance(t));
                 }
             }
         }
@@ -137,6 +155,146 @@ pub async fn stop_containers_before<S: System>(
         }
     }
     ids.len()
+}
+
+pub const TAG_PURPOSE: &str = "spotinit:purpose";
+pub const PURPOSE_BACKUP: &str = "backup";
+pub const TAG_VOLUME: &str = "spotinit:volume";
+pub const TAG_REASON: &str = "spotinit:reason";
+
+/// Snapshots of the state volume that spotinit takes and prunes. Pruning only ever looks at
+/// snapshots tagged `spotinit:purpose=backup` for this volume: nobody else's are touched.
+pub struct Snapshots<E: Ec2> {
+    pub ec2: Arc<E>,
+    pub volume_id: String,
+    pub me: Identity,
+    pub keep: u32,
+}
+
+impl<E: Ec2> Snapshots<E> {
+    fn ours(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (TAG_PURPOSE.to_string(), PURPOSE_BACKUP.to_string()),
+            (TAG_VOLUME.to_string(), self.volume_id.clone()),
+        ])
+    }
+
+    /// Starts a crash-consistent snapshot (EBS copies the volume as of now while the
+    /// instance keeps running), then prunes.
+    pub async fn take(&self, reason: &str) -> Result<String, CloudError> {
+        let mut tags = self.ours();
+        tags.insert(TAG_REASON.into(), reason.into());
+        tags.insert(
+            crate::volume::select::TAG_CREATED_BY.into(),
+            self.me.instance_id.clone(),
+        );
+        let description = format!(
+            "spotinit backup of {} from {} ({reason})",
+            self.volume_id, self.me.instance_id
+        );
+        let id = api("CreateSnapshot", || {
+            self.ec2
+                .create_snapshot(&self.volume_id, &description, &tags)
+        })
+        .await?;
+        crate::log!("snapshots: started {id} of {} ({reason})", self.volume_id);
+        let deleted = self.prune().await?;
+        if !deleted.is_empty() {
+            crate::log!(
+                "snapshots: deleted {} (keeping the newest {})",
+                deleted.join(", "),
+                self.keep
+            );
+        }
+        Ok(id)
+    }
+
+    /// Deletes our completed snapshots beyond the newest `keep`. Returns what it deleted.
+    pub async fn prune(&self) -> Result<Vec<String>, CloudError> {
+        let filter = self.ours();
+        let mut ours: Vec<SnapshotInfo> =
+            api("DescribeSnapshots", || self.ec2.find_snapshots(&filter))
+                .await?
+                .into_iter()
+                // Belt and braces: the filter asked EC2 for these tags; check them again here.
+                .filter(|s| {
+                    s.tags.get(TAG_PURPOSE).map(String::as_str) == Some(PURPOSE_BACKUP)
+                        && s.tags.get(TAG_VOLUME) == Some(&self.volume_id)
+                })
+                .collect();
+        ours.sort_by(|a, b| b.start_time.cmp(&a.start_time).then(b.id.cmp(&a.id)));
+        let mut deleted = Vec::new();
+        for s in ours.iter().skip(self.keep as usize) {
+            if s.state != "completed" {
+                continue;
+            }
+            api("DeleteSnapshot", || self.ec2.delete_snapshot(&s.id)).await?;
+            deleted.push(s.id.clone());
+        }
+        Ok(deleted)
+    }
+}
+
+/// After the volume phase: a snapshot on each rebalance recommendation (if configured) and on
+/// the configured schedule. Failures are logged; the next occasion tries again.
+pub fn maintain<E: Ec2>(
+    snapshots: Snapshots<E>,
+    cfg: &Config,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) {
+    let on_rebalance = cfg.spot.snapshot_on_rebalance;
+    let every = Duration::from_secs(cfg.snapshots.interval_minutes * 60);
+    tokio::spawn(async move {
+        let mut ticker = (every > Duration::ZERO).then(|| {
+            let mut t = tokio::time::interval_at(Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        loop {
+            let reason = tokio::select! {
+                Some(ev) = events.recv() => match ev {
+                    Event::Rebalance(t) if on_rebalance => format!("rebalance recommendation {t}"),
+                    Event::Rebalance(_) => continue,
+                },
+                _ = tick(&mut ticker) => "periodic".to_string(),
+            };
+            if let Err(e) = snapshots.take(&reason).await {
+                crate::log!("snapshots: {e}");
+            }
+        }
+    });
+}
+
+/// The next tick of the schedule, or never when there is none.
+async fn tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Associates the configured Elastic IP with this instance (taking it over from a dead
+/// predecessor), so the service keeps its address across spot replacements.
+pub async fn associate_address<E: Ec2>(ec2: &E, allocation_id: &str, me: &Identity) -> bool {
+    match api("AssociateAddress", || {
+        ec2.associate_address(allocation_id, &me.instance_id)
+    })
+    .await
+    {
+        Ok(assoc) => {
+            crate::log!(
+                "address: {allocation_id} now points at {} ({assoc})",
+                me.instance_id
+            );
+            true
+        }
+        Err(e) => {
+            crate::log!("address: cannot associate {allocation_id}: {e}; the service is not reachable at its stable address");
+            false
+        }
+    }
 }
 
 #[cfg(test)]

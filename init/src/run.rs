@@ -18,6 +18,34 @@ use tokio::sync::mpsc;
 pub struct Aws<S: System> {
     pub sys: Arc<S>,
     pub paths: Paths,
+    /// One EC2 client for the volume phase and the lifecycle.
+    ec2: std::sync::Mutex<Option<Arc<Ec2Client>>>,
+    /// Instance events from the watcher, for the lifecycle once the volume is known.
+    events: std::sync::Mutex<Option<mpsc::UnboundedReceiver<crate::lifecycle::Event>>>,
+}
+
+impl<S: System> Aws<S> {
+    pub fn new(sys: Arc<S>, paths: Paths) -> Self {
+        Aws {
+            sys,
+            paths,
+            ec2: std::sync::Mutex::new(None),
+            events: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn ec2(&self, cfg: &Config, me: &Identity, meta: &Imds) -> Arc<Ec2Client> {
+        let mut slot = self.ec2.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert_with(|| {
+            let region = cfg.aws.region.clone().unwrap_or_else(|| me.region.clone());
+            let ep = endpoint(cfg.aws.ec2_endpoint.as_deref());
+            if let Some(ep) = &ep {
+                crate::log!("aws: EC2 endpoint {ep}");
+            }
+            Arc::new(Ec2Client::with_instance_role(&region, ep.as_deref(), meta))
+        })
+        .clone()
+    }
 }
 
 impl<S: System> Platform for Aws<S> {
@@ -29,17 +57,12 @@ impl<S: System> Platform for Aws<S> {
     }
 
     fn volume(&self, cfg: &Config, me: &Identity, meta: &Imds) -> Result<Self::Volume, String> {
-        let region = cfg.aws.region.clone().unwrap_or_else(|| me.region.clone());
-        let ep = endpoint(cfg.aws.ec2_endpoint.as_deref());
-        if let Some(ep) = &ep {
-            crate::log!("aws: EC2 endpoint {ep}");
-        }
-        let ec2 = Ec2Client::with_instance_role(&region, ep.as_deref(), meta);
+        let ec2 = self.ec2(cfg, me, meta);
         // Listen for disks before the first AttachVolume, so the hot-plug cannot be missed.
         let devices = DeviceWatcher::open(&self.paths)
             .map_err(|e| format!("cannot listen for kernel device events: {e}"))?;
         Ok(EbsVolume::new(
-            Arc::new(ec2),
+            ec2,
             self.sys.clone(),
             self.paths.clone(),
             cfg.volume.clone(),
@@ -50,7 +73,32 @@ impl<S: System> Platform for Aws<S> {
     }
 
     fn watch(&self, cfg: &Config, meta: &Imds, requests: mpsc::UnboundedSender<Request>) {
-        crate::lifecycle::watch(meta.clone(), cfg, requests);
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        crate::lifecycle::watch(meta.clone(), cfg, requests, tx);
+    }
+
+    fn volume_ready(&self, cfg: &Config, me: &Identity, meta: &Imds, volume_id: &str) {
+        let ec2 = self.ec2(cfg, me, meta);
+        if let Some(alloc) = cfg.address.elastic_ip_allocation_id.clone() {
+            let (ec2, me) = (ec2.clone(), me.clone());
+            tokio::spawn(async move {
+                crate::lifecycle::associate_address(&*ec2, &alloc, &me).await;
+            });
+        }
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1);
+        let snapshots = crate::lifecycle::Snapshots {
+            ec2,
+            volume_id: volume_id.to_string(),
+            me: me.clone(),
+            keep: cfg.snapshots.keep,
+        };
+        crate::lifecycle::maintain(snapshots, cfg, events);
     }
 }
 
@@ -141,10 +189,7 @@ pub fn pid1() -> ! {
                 let _ = sys.ctrl_alt_del_to_signal();
                 let (m, mut requests) = Machine::new(sys.clone(), Paths::real(), Mode::Pid1);
                 crate::power::listen_signals(m.requests.clone(), Then::PowerOff);
-                let platform = Aws {
-                    sys: sys.clone(),
-                    paths: m.paths.clone(),
-                };
+                let platform = Aws::new(sys.clone(), m.paths.clone());
                 let then = serve(&m, &platform, &mut requests).await;
                 if matches!(then, Then::Wait | Then::Stay) {
                     crate::log!("drained; waiting for EC2 to stop this instance");
@@ -236,10 +281,7 @@ pub fn service() -> i32 {
         let sys = Arc::new(Linux);
         let (m, mut requests) = Machine::new(sys.clone(), Paths::real(), Mode::Service);
         crate::power::listen_signals(m.requests.clone(), Then::Exit);
-        let platform = Aws {
-            sys,
-            paths: m.paths.clone(),
-        };
+        let platform = Aws::new(sys, m.paths.clone());
         match serve(&m, &platform, &mut requests).await {
             Then::Exit => 0,
             _ => 1,
