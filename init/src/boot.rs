@@ -335,11 +335,24 @@ pub async fn boot<S: System, P: Platform>(
     }
     st.ready = true;
     crate::log!(
-        "ready in {} since power-on (spotinit's part {})",
+        "ready in {} since power-on (spotinit's part {}, its memory {})",
         human(uptime()),
-        human(started.elapsed())
+        human(started.elapsed()),
+        resident_memory(paths)
     );
     Ok(())
+}
+
+/// Our resident memory (VmRSS), for the ready line.
+fn resident_memory(paths: &Paths) -> String {
+    std::fs::read_to_string(paths.p("/proc/self/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// IMDS right after the network came up can be briefly unreachable: retry for a minute.

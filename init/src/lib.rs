@@ -16,4 +16,5 @@ pub mod run;
 pub mod services;
 pub mod shutdown;
 pub mod sys;
+pub mod testkit;
 pub mod volume;

@@ -299,11 +299,7 @@ async fn the_elastic_ip_follows_the_instance_from_its_dead_predecessor() {
         .split("<instanceId>")
         .nth(1)
         .and_then(|t| t.split('<').next());
-    assert_eq!(
-        holder,
-        Some(b.as_str()),
-        "{xml}"
-    );
+    assert_eq!(holder, Some(b.as_str()), "{xml}");
     // A missing permission is reported, not fatal.
     w.fidelity.deny("AssociateAddress");
     assert!(!lifecycle::associate_address(&*w.ec2, &alloc, &identity(&a)).await);

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# tests/all.sh: every test. Installs what it needs, builds, checks formatting and scripts,
+# builds the image, then runs the unit tests, the tests against moto, the privileged tests
+# (loop devices, namespaces: run as root) and the end-to-end tests that boot the image in QEMU.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+"$here/setup.sh"
+# shellcheck source=tests/env.sh
+. "$here/env.sh"
+start=$SECONDS
+step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*" >&2; }
+
+step "format and scripts"
+cargo fmt --all -- --check
+shellcheck image/*.sh image/mkosi.postinst image/mkosi.finalize image/initrd/init tests/*.sh .ci/run
+step "build (release profile: one build of the AWS SDK serves the image and the tests)"
+cargo build --release --workspace --all-targets
+step "image"
+image/build.sh
+step "tests"
+# One test binary at a time: several end-to-end tests boot VMs, and two cores are all we have.
+cargo test --release --workspace --no-fail-fast -- --test-threads=1
+step "publish script against moto"
+image/test-publish.sh
+step "all done in $((SECONDS - start)) s"
