@@ -294,6 +294,23 @@ pub async fn boot<S: System, P: Platform>(
             st.mounted = Some(mounted);
         }
     }
+    if config.volume.mode == VolumeMode::PersistedRoot {
+        phase("persisted root", async {
+            volume::pivot::into(sys, paths, &paths.p(volume::layout::VOLUME_MOUNT))
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        crate::log!("persisted root: / is now rootfs/ of the state volume");
+        if let Some(init) = &config.volume.root_init {
+            crate::log!("persisted root: handing PID 1 over to its own init, {init}");
+            if let Err(e) = sys.exec(std::path::Path::new(init), &[]) {
+                return Err(BootError::Phase {
+                    phase: "persisted root",
+                    message: format!("cannot start {init} (volume.root_init): {e}"),
+                });
+            }
+        }
+    }
 
     if !config.docker.enabled {
         crate::log!("docker: docker.enabled = false; not starting containerd and dockerd");
@@ -301,14 +318,19 @@ pub async fn boot<S: System, P: Platform>(
         // The golden rule, in one place: Docker starts only on the state volume it just
         // verified (or on tmpfs when the user chose volume.mode = none).
         if let Some(mounted) = &st.mounted {
-            volume::verify_docker_state(paths, mounted, &config.docker.storage_driver).map_err(
-                |message| BootError::Phase {
+            let verify = if config.volume.mode == VolumeMode::PersistedRoot {
+                volume::verify_persisted_root
+            } else {
+                volume::verify_docker_state
+            };
+            verify(paths, mounted, &config.docker.storage_driver).map_err(|message| {
+                BootError::Phase {
                     phase: "docker state check",
                     message: format!(
                         "{message}; refusing to start Docker on anything but the state volume"
                     ),
-                },
-            )?;
+                }
+            })?;
         }
         st.docker_started = true;
         phase("containerd", async {

@@ -218,3 +218,56 @@ async fn service_mode_makes_no_mounts_and_never_powers_off() {
     assert!(b.iter().any(|x| x == "spawn dockerd"));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[tokio::test]
+async fn persisted_root_pivots_before_docker_and_docker_runs_from_it() {
+    let ud = "[volume]\nmode = \"persisted-root\"\n";
+    let (fake, cloud, root) = world("persisted", Some(ud), Script::PersistedRoot);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    let b = fake.briefs();
+    let order = [
+        "mount bind /mnt",
+        "mount bind /mnt/run",
+        "pivot_root /mnt",
+        "umount /run/spotinit/image-root",
+        "spawn containerd",
+    ];
+    let idx: Vec<usize> = order.iter().map(|w| index_of(&b, w)).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "{b:#?}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn persisted_root_with_its_own_init_hands_pid_1_over() {
+    let ud = "[volume]\nmode = \"persisted-root\"\nroot_init = \"/sbin/init\"\n";
+    let (fake, cloud, root) = world("handover", Some(ud), Script::PersistedRoot);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    // The fake's exec returns, so the boot carries on here; a real exec never returns. What
+    // matters is that the handover comes right after the pivot.
+    let _ = boot(&m, &cloud, &mut st).await;
+    let b = fake.briefs();
+    assert!(
+        index_of(&b, "pivot_root /mnt") < index_of(&b, "exec /sbin/init"),
+        "{b:#?}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn a_persisted_root_that_is_not_on_the_volume_never_starts_docker() {
+    let ud = "[volume]\nmode = \"persisted-root\"\n";
+    // The volume phase "mounted" with binds but "/" is not rootfs/ of the volume.
+    let (fake, cloud, root) = world("notpivoted", Some(ud), Script::Mount);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    let e = boot(&m, &cloud, &mut st).await.unwrap_err();
+    assert!(
+        e.to_string().contains("no root in mountinfo") || e.to_string().contains("not rootfs/"),
+        "{e}"
+    );
+    assert!(!fake.briefs().iter().any(|x| x == "spawn containerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}

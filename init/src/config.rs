@@ -99,6 +99,9 @@ pub struct Volume {
     /// How long to wait for the attached volume's block device to appear.
     pub device_timeout_secs: u64,
     pub snapshot_timeout_secs: u64,
+    /// persisted-root mode: exec this init of the persisted root instead of continuing the
+    /// boot there (e.g. "/sbin/init" of a full distribution).
+    pub root_init: Option<String>,
 }
 
 impl Default for Volume {
@@ -123,6 +126,7 @@ impl Default for Volume {
             force_detach: false,
             device_timeout_secs: 60,
             snapshot_timeout_secs: 3600,
+            root_init: None,
         }
     }
 }
@@ -420,6 +424,14 @@ impl Config {
                 "volume.label".into(),
                 "an ext4 label has 1 to 16 characters".into(),
             ));
+        }
+        if let Some(init) = &v.root_init {
+            if v.mode != VolumeMode::PersistedRoot || !init.starts_with('/') {
+                p.push((
+                    "volume.root_init".into(),
+                    "an absolute path, and only with volume.mode = \"persisted-root\"".into(),
+                ));
+            }
         }
         if v.release_wait_secs < 60 {
             p.push((

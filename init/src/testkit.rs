@@ -57,6 +57,8 @@ pub enum Script {
     Hang,
     /// Claim success without binding /var/lib/docker (a broken volume phase).
     MountWithoutBinds,
+    /// Mount as persisted-root mode would: the mountinfo shows "/" as rootfs/ of the volume.
+    PersistedRoot,
 }
 
 pub struct FakeVolume {
@@ -112,6 +114,17 @@ impl VolumePhase for FakeVolume {
         match self.script {
             Script::Mount => Ok(self.mount(true)),
             Script::MountWithoutBinds => Ok(self.mount(false)),
+            Script::PersistedRoot => {
+                let m = self.mount(false);
+                let info = self.root.join("proc/self/mountinfo");
+                let mut text = std::fs::read_to_string(&info).unwrap();
+                text.push_str(&format!(
+                    "42 1 259:5 /rootfs {} rw - ext4 /dev/nvme1n1 rw\n",
+                    self.root.display()
+                ));
+                std::fs::write(&info, text).unwrap();
+                Ok(m)
+            }
             Script::FlakyThenMount(k) if n < k => Err(VolumeError::HeldByRunning {
                 volume: "vol-0aaaaaaaaaaaaaaaa".into(),
                 holder: "i-0other".into(),

@@ -34,6 +34,10 @@ pub enum Op {
         put_old: PathBuf,
     },
     SetHostname(String),
+    Exec {
+        program: String,
+        args: Vec<String>,
+    },
     InterfaceUp(String),
     Spawn {
         pid: Pid,
@@ -64,6 +68,7 @@ impl Op {
             Op::Remount { target, .. } => format!("remount {}", target.display()),
             Op::PivotRoot { new_root, .. } => format!("pivot_root {}", new_root.display()),
             Op::SetHostname(h) => format!("hostname {h}"),
+            Op::Exec { program, .. } => format!("exec {program}"),
             Op::InterfaceUp(i) => format!("up {i}"),
             Op::Spawn { program, .. } => format!("spawn {program}"),
             Op::Kill { program, sig, .. } => format!("kill {program} {}", sig.as_str()),
@@ -352,6 +357,13 @@ impl System for FakeSystem {
     }
     fn sync(&self) {
         let _ = self.record(Op::Sync, "", "sync");
+    }
+    fn exec(&self, program: &Path, args: &[String]) -> SysResult<()> {
+        let op = Op::Exec {
+            program: program.display().to_string(),
+            args: args.to_vec(),
+        };
+        self.record(op, &program.display().to_string(), "exec")
     }
     fn ctrl_alt_del_to_signal(&self) -> SysResult<()> {
         Ok(())

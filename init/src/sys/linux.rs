@@ -54,13 +54,17 @@ impl System for Linux {
     }
 
     fn pivot_root(&self, new_root: &Path, put_old: &Path) -> SysResult<()> {
-        nix::unistd::pivot_root(new_root, put_old).map_err(|e| {
+        let err = |e| {
             SysError::new(
                 "pivot_root",
                 format!("{} (old root to {})", new_root.display(), put_old.display()),
                 e,
             )
-        })
+        };
+        nix::unistd::chdir(new_root).map_err(err)?;
+        nix::unistd::pivot_root(new_root, put_old).map_err(err)?;
+        nix::unistd::chdir("/").map_err(err)?;
+        Ok(())
     }
 
     fn set_hostname(&self, name: &str) -> SysResult<()> {
@@ -164,6 +168,20 @@ impl System for Linux {
 
     fn sync(&self) {
         nix::unistd::sync();
+    }
+
+    fn exec(&self, program: &Path, args: &[String]) -> SysResult<()> {
+        use std::ffi::CString;
+        let c = |s: &str| CString::new(s).map_err(|_| SysError::new("exec", s, Errno::EINVAL));
+        let prog = c(&program.to_string_lossy())?;
+        let mut argv = vec![prog.clone()];
+        for a in args {
+            argv.push(c(a)?);
+        }
+        match nix::unistd::execv(&prog, &argv) {
+            Ok(never) => match never {},
+            Err(e) => Err(SysError::new("exec", program.display().to_string(), e)),
+        }
     }
 
     fn ctrl_alt_del_to_signal(&self) -> SysResult<()> {

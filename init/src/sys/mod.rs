@@ -220,6 +220,9 @@ pub trait System: Send + Sync + 'static {
     /// kill(-1, sig): every process but us (PID 1 at shutdown).
     fn kill_all(&self, sig: Signal) -> SysResult<()>;
     fn sync(&self);
+    /// Replaces this process with `program` (persisted-root mode's own init). Returns only on
+    /// failure; the fake records it and returns Ok.
+    fn exec(&self, program: &Path, args: &[String]) -> SysResult<()>;
     /// Makes ctrl-alt-del send SIGINT to PID 1 instead of rebooting at once.
     fn ctrl_alt_del_to_signal(&self) -> SysResult<()>;
     /// Returns only if the call failed; in the fake it records the call and returns Ok.

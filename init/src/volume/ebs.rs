@@ -6,9 +6,9 @@ use super::attach;
 use super::device::{DeviceWatcher, VolumeMatch};
 use super::fs::{self, Content};
 use super::layout::{self, Record, RECORD_FORMAT};
-use super::{select, Mounted, Step, VolumeError, VolumePhase};
+use super::{pivot, select, Mounted, Step, VolumeError, VolumePhase};
 use crate::cloud::{Ec2, Identity};
-use crate::config;
+use crate::config::{self, VolumeMode};
 use crate::console::human;
 use crate::sys::{Paths, System};
 use std::path::PathBuf;
@@ -265,11 +265,28 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         record.boot_count += 1;
         record.clean_shutdown = false;
         layout::write_record(&self.paths, &record).map_err(record_err)?;
-        for target in
-            layout::bind_state_dirs(&*self.sys, &self.paths).map_err(sys_err(Step::Mount))?
-        {
-            if !self.mounts.contains(&target) {
-                self.mounts.push(target);
+        if self.cfg.mode == VolumeMode::PersistedRoot {
+            let start = Instant::now();
+            let seeded = pivot::seed(&*self.sys, &self.paths, &vol_mount)
+                .await
+                .map_err(|e| VolumeError::Command {
+                    step: Step::Mount,
+                    volume: volume_id.into(),
+                    detail: e.to_string(),
+                })?;
+            if seeded {
+                crate::log!(
+                    "volume: seeded the persisted root on {volume_id} from the image in {}",
+                    human(start.elapsed())
+                );
+            }
+        } else {
+            for target in
+                layout::bind_state_dirs(&*self.sys, &self.paths).map_err(sys_err(Step::Mount))?
+            {
+                if !self.mounts.contains(&target) {
+                    self.mounts.push(target);
+                }
             }
         }
         // Grow online when the volume was enlarged (ModifyVolume) since mkfs or the last grow.
@@ -307,6 +324,23 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     Err(e) if e.errno == nix::errno::Errno::EINVAL => break, // not mounted
+                    // Persisted root: "/" is on this volume and cannot be unmounted. Read-only
+                    // is as clean: the journal is flushed and nothing writes any more.
+                    Err(e)
+                        if e.errno == nix::errno::Errno::EBUSY
+                            && self.cfg.mode == VolumeMode::PersistedRoot =>
+                    {
+                        let ro = crate::sys::MsFlags::MS_REMOUNT | crate::sys::MsFlags::MS_RDONLY;
+                        self.sys
+                            .remount(&target, ro)
+                            .map_err(|err| VolumeError::Sys {
+                                step: Step::Unmount,
+                                volume: self.vol(),
+                                err,
+                            })?;
+                        crate::log!("volume: the persisted root is read-only now");
+                        break;
+                    }
                     Err(err) => {
                         return Err(VolumeError::Sys {
                             step: Step::Unmount,

@@ -10,6 +10,7 @@ pub mod device;
 pub mod ebs;
 pub mod fs;
 pub mod layout;
+pub mod pivot;
 pub mod select;
 
 use crate::cloud::CloudError;
@@ -260,6 +261,42 @@ pub fn verify_docker_state(paths: &Paths, m: &Mounted, storage_driver: &str) -> 
             ));
         }
     }
+    check_record(paths, m, storage_driver)
+}
+
+/// The golden rule for persisted-root mode: "/" is `rootfs/` of the state volume (so
+/// /var/lib/docker is on it) and the record is the one this boot wrote.
+pub fn verify_persisted_root(
+    paths: &Paths,
+    m: &Mounted,
+    storage_driver: &str,
+) -> Result<(), String> {
+    let mounts = crate::sys::mounts(paths);
+    let vol = mounts
+        .iter()
+        .rev()
+        .find(|i| i.mount_point == paths.p(layout::VOLUME_MOUNT))
+        .ok_or_else(|| "the state volume is not mounted".to_string())?;
+    let root = mounts
+        .iter()
+        .rev()
+        .find(|i| i.mount_point == paths.p("/"))
+        .ok_or_else(|| "no root in mountinfo".to_string())?;
+    if root.device != vol.device || root.root != format!("/{}", pivot::ROOTFS) {
+        return Err(format!(
+            "/ is {} {} from device {}, not {}/ of the state volume (device {})",
+            root.fstype,
+            root.root,
+            root.device,
+            pivot::ROOTFS,
+            vol.device
+        ));
+    }
+    check_record(paths, m, storage_driver)
+}
+
+/// The record on the mounted volume is the one this boot wrote, with the configured driver.
+fn check_record(paths: &Paths, m: &Mounted, storage_driver: &str) -> Result<(), String> {
     let record =
         layout::read_record(paths)?.ok_or_else(|| "the state volume has no record".to_string())?;
     if record.volume_id != m.volume_id || record.last_instance != m.record.last_instance {
