@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# image/test-cfn.sh [TEMPLATE]: checks image/cloudformation.yaml (or TEMPLATE).
+#   1. cfn-lint (PyPI) passes with no error and no warning. cfn-lint comes from a throwaway venv,
+#      build/cfn-venv (created on first use: pip install cfn-lint, which needs the network once).
+#   2. The safety properties are still there, read from the parsed template (not from its text):
+#      IMDSv2 required with hop limit 1 and metadata tags off, capacity rebalancing, a group of
+#      one that is 100 % spot (price-capacity-optimized), and the AssociateAddress statement only
+#      when an Elastic IP is given.
+#   3. The user data the template renders (with the default parameters, and with an Elastic IP)
+#      passes `spotinit config check`, when a spotinit binary has been built.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+template=${1:-image/cloudformation.yaml}   # an argument: check another copy of it
+venv=build/cfn-venv
+spotinit=${SPOTINIT_BIN:-${CARGO_TARGET_DIR:-target}/release/spotinit}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail() { echo "test-cfn.sh: FAIL: $*" >&2; exit 1; }
+
+if [[ ! -x $venv/bin/cfn-lint ]]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet cfn-lint
+fi
+
+# 1. cfn-lint: errors and warnings both fail (informational findings are not printed by default).
+if ! "$venv/bin/cfn-lint" --format parseable -- "$template" >"$tmp/lint" 2>&1; then
+    fail "cfn-lint $("$venv/bin/cfn-lint" --version) found problems in $template:"$'\n'"$(cat "$tmp/lint")"
+fi
+[[ ! -s $tmp/lint ]] || fail "cfn-lint printed:"$'\n'"$(cat "$tmp/lint")"
+
+# 2 and 3. A small evaluator of the intrinsic functions the template uses, so the checks see what
+# CloudFormation would deploy for a given set of parameters.
+"$venv/bin/python" - "$template" "$tmp" <<'EOF' || fail "the template lost a safety property (above)"
+import sys, yaml
+
+path, out = sys.argv[1], sys.argv[2]
+
+class Loader(yaml.SafeLoader):
+    pass
+
+def tag(loader, suffix, node):
+    name = "Ref" if suffix == "Ref" else ("Fn::GetAtt" if suffix == "GetAtt" else "Fn::" + suffix)
+    if suffix == "Condition":
+        name = "Condition"
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+Loader.add_multi_constructor("!", tag)
+t = yaml.load(open(path), Loader=Loader)
+problems = []
+
+def check(ok, what):
+    if not ok:
+        problems.append(what)
+
+NOVALUE = object()
+
+def render(params):
+    values = {k: str(v.get("Default", "")) for k, v in t["Parameters"].items()}
+    values.update(params)
+    values.update({"AWS::StackName": "spotinit", "AWS::Region": "eu-west-1",
+                   "AWS::AccountId": "123456789012", "AWS::Partition": "aws"})
+    lists = {k for k, v in t["Parameters"].items() if v["Type"].startswith(("List<", "CommaDelimitedList"))}
+    conditions = {}
+
+    def ev(x):
+        if isinstance(x, list):
+            return [y for y in (ev(i) for i in x) if y is not NOVALUE]
+        if not isinstance(x, dict):
+            return x
+        if len(x) == 1:
+            (k, v), = x.items()
+            if k == "Ref":
+                if v == "AWS::NoValue":
+                    return NOVALUE
+                if v in values:
+                    return values[v].split(",") if v in lists else values[v]
+                return "ref-" + v
+            if k == "Fn::GetAtt":
+                return "getatt-" + ".".join(v)
+            if k == "Fn::Sub":
+                text, extra = (v, {}) if isinstance(v, str) else (v[0], {a: ev(b) for a, b in v[1].items()})
+                for name, value in {**values, **extra}.items():
+                    text = text.replace("${" + name + "}", str(value))
+                return text
+            if k == "Fn::If":
+                return ev(v[1] if cond(v[0]) else v[2])
+            if k == "Fn::Join":
+                return v[0].join(str(i) for i in ev(v[1]))
+            if k == "Fn::Split":
+                return ev(v[1]).split(v[0])
+            if k == "Fn::Select":
+                return ev(v[1])[int(v[0])]
+            if k == "Fn::Equals":
+                return ev(v[0]) == ev(v[1])
+            if k == "Fn::Not":
+                return not ev(v[0])
+            if k == "Fn::And":
+                return all(ev(i) for i in v)
+            if k == "Condition":
+                return cond(v)
+            if k == "Fn::Base64":
+                return ev(v)
+        return {k: y for k, y in ((k, ev(v)) for k, v in x.items()) if y is not NOVALUE}
+
+    def cond(name):
+        if name not in conditions:
+            conditions[name] = bool(ev(t["Conditions"][name]))
+        return conditions[name]
+
+    return {name: ev(r) for name, r in t["Resources"].items()}
+
+def of_type(resources, kind):
+    found = [r for r in resources.values() if r["Type"] == kind]
+    check(len(found) == 1, f"expected exactly one {kind}, found {len(found)}")
+    return found[0] if found else {"Properties": {}}
+
+for label, params, eip in [("defaults", {}, None),
+                           ("with an Elastic IP", {"ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
+                            "eipalloc-0123456789abcdef0")]:
+    res = render(params)
+    lt = of_type(res, "AWS::EC2::LaunchTemplate")["Properties"].get("LaunchTemplateData", {})
+    md = lt.get("MetadataOptions", {})
+    check(md.get("HttpTokens") == "required", f"{label}: MetadataOptions.HttpTokens is not 'required' (IMDSv2 only)")
+    check(md.get("HttpPutResponseHopLimit") == 1, f"{label}: MetadataOptions.HttpPutResponseHopLimit is not 1")
+    check(md.get("HttpEndpoint") == "enabled", f"{label}: MetadataOptions.HttpEndpoint is not 'enabled' (spotinit needs IMDS)")
+    check(md.get("InstanceMetadataTags") == "disabled", f"{label}: MetadataOptions.InstanceMetadataTags is not 'disabled'")
+    check(lt.get("EbsOptimized") is True, f"{label}: the launch template is not EbsOptimized")
+    asg = of_type(res, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
+    check(asg.get("CapacityRebalance") is True, f"{label}: the group's CapacityRebalance is not true")
+    check(str(asg.get("MaxSize")) == "1", f"{label}: the group's MaxSize is not 1 (one instance owns the volume)")
+    dist = asg.get("MixedInstancesPolicy", {}).get("InstancesDistribution", {})
+    check(dist.get("OnDemandBaseCapacity") == 0 and dist.get("OnDemandPercentageAboveBaseCapacity") == 0,
+          f"{label}: the group is not 100 % spot")
+    check(dist.get("SpotAllocationStrategy") == "price-capacity-optimized",
+          f"{label}: SpotAllocationStrategy is not price-capacity-optimized")
+    types = [o.get("InstanceType") for o in asg.get("MixedInstancesPolicy", {}).get("LaunchTemplate", {}).get("Overrides", [])]
+    want = t["Parameters"]["InstanceTypes"]["Default"].split(",")
+    check(types == want, f"{label}: the overrides are {types}, not the InstanceTypes {want}")
+    role = of_type(res, "AWS::IAM::Role")["Properties"]
+    statements = [s for p in role.get("Policies", []) for s in p["PolicyDocument"]["Statement"]]
+    associate = [s for s in statements if "ec2:AssociateAddress" in str(s.get("Action"))]
+    if eip:
+        check(len(associate) == 1 and any(r.endswith("elastic-ip/" + eip) for r in associate[0]["Resource"]),
+              f"{label}: the role cannot associate {eip}")
+    else:
+        check(not associate, f"{label}: the role may associate addresses without an Elastic IP given")
+    check(not any(s.get("Action") == "*" or s.get("Action") == "ec2:*" for s in statements),
+          f"{label}: a statement grants every action")
+    with open(f"{out}/user-data-{'eip' if eip else 'defaults'}.toml", "w") as f:
+        f.write(lt.get("UserData", ""))
+
+for p in problems:
+    print("test-cfn.sh:", p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+EOF
+
+checked="skipped the user data check: no $spotinit (cargo build --release -p spotinit)"
+if [[ -x $spotinit ]]; then
+    for f in "$tmp"/user-data-*.toml; do
+        "$spotinit" config check "$f" >"$tmp/check" 2>&1 || fail "the template's user data does not pass spotinit config check:"$'\n'"$(cat "$tmp/check")"$'\n'"--- $f:"$'\n'"$(cat "$f")"
+    done
+    checked="user data passes spotinit config check ($(sed 's/^[^:]*: ok: //' "$tmp/check"))"
+fi
+echo "test-cfn.sh: ok: cfn-lint $("$venv/bin/cfn-lint" --version | awk '{print $2}') clean; IMDSv2 required, hop limit 1, capacity rebalancing, 100 % spot; $checked"
