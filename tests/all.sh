@@ -22,4 +22,6 @@ step "tests"
 cargo test --release --workspace --no-fail-fast -- --test-threads=1
 step "publish script against moto"
 image/test-publish.sh
+step "CloudFormation template (cfn-lint, safety properties, its user data)"
+image/test-cfn.sh
 step "all done in $((SECONDS - start)) s"
