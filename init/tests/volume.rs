@@ -8,146 +8,26 @@
 //! it, and the faked mount shows the content directory at /run/spotinit/volume. So records,
 //! signatures and moves carry over between instances exactly as on EBS, without root.
 
+//!
+//! The world itself (moto, the fidelity layer, the disks) is in `common`, shared with the
+//! privileged tests that plug the same volumes in as loop devices.
+
+mod common;
+
+use common::{create_tagged, fast, tag, vcfg, write_at, InstanceParts, World};
 use spotinit::cloud::ec2::Ec2Client;
-use spotinit::cloud::imds::Imds;
-use spotinit::cloud::Identity;
 use spotinit::config;
 use spotinit::sys::fake::{FakeSystem, Op};
 use spotinit::sys::Paths;
-use spotinit::volume::device::{DeviceWatcher, Uevent};
 use spotinit::volume::ebs::EbsVolume;
 use spotinit::volume::layout;
 use spotinit::volume::{VolumeError, VolumePhase};
-use spotworld::fidelity::{Fault, Fidelity, Settings};
+use spotworld::fidelity::{Fault, Settings};
 use spotworld::imds::ImdsMock;
-use spotworld::moto::{unique_temp_dir, MotoServer};
-use spotworld::{BoxFuture, EbsHooks};
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-
-/// Volumes as files, attached into instance roots.
-struct Disks {
-    dir: PathBuf,
-    instances: Mutex<HashMap<String, (PathBuf, mpsc::UnboundedSender<Uevent>)>>,
-    plugged: Mutex<HashMap<String, (String, String)>>, // volume -> (instance, disk name)
-    next: AtomicUsize,
-}
-
-impl Disks {
-    fn image(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.img"))
-    }
-    fn content(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.d"))
-    }
-    fn copy(&self, from: &str, to: &str) -> Result<(), String> {
-        std::fs::copy(self.image(from), self.image(to)).map_err(|e| e.to_string())?;
-        let out = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(self.content(from))
-            .arg(self.content(to))
-            .status()
-            .map_err(|e| e.to_string())?;
-        out.success().then_some(()).ok_or("cp -a failed".into())
-    }
-    fn event(&self, instance: &str, action: &str, name: &str) {
-        if let Some((_, tx)) = self.instances.lock().unwrap().get(instance) {
-            let _ = tx.send(Uevent {
-                action: action.into(),
-                subsystem: "block".into(),
-                devname: name.into(),
-                devtype: "disk".into(),
-            });
-        }
-    }
-}
-
-impl EbsHooks for Disks {
-    fn volume_created<'a>(
-        &'a self,
-        id: &'a str,
-        size_gib: u64,
-        snapshot: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            match snapshot {
-                Some(s) => self.copy(s, id),
-                None => {
-                    let f = std::fs::File::create(self.image(id)).map_err(|e| e.to_string())?;
-                    f.set_len(size_gib << 30).map_err(|e| e.to_string())?;
-                    std::fs::create_dir_all(self.content(id)).map_err(|e| e.to_string())
-                }
-            }
-        })
-    }
-    fn snapshot_created<'a>(
-        &'a self,
-        snap: &'a str,
-        vol: &'a str,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { self.copy(vol, snap) })
-    }
-    fn attach<'a>(&'a self, instance: &'a str, vol: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let root = self
-                .instances
-                .lock()
-                .unwrap()
-                .get(instance)
-                .map(|(r, _)| r.clone())
-                .ok_or(format!("no instance {instance}"))?;
-            let name = format!("nvme{}n1", self.next.fetch_add(1, Ordering::SeqCst) + 1);
-            let dev = root.join("sys/block").join(&name).join("device");
-            std::fs::create_dir_all(&dev).map_err(|e| e.to_string())?;
-            std::fs::write(dev.join("serial"), vol.replace('-', "")).map_err(|e| e.to_string())?;
-            std::fs::write(dev.join("model"), "Amazon Elastic Block Store")
-                .map_err(|e| e.to_string())?;
-            std::fs::create_dir_all(root.join("sys/block").join(&name).join("queue")).unwrap();
-            std::fs::create_dir_all(root.join("dev")).unwrap();
-            std::os::unix::fs::symlink(self.image(vol), root.join("dev").join(&name))
-                .map_err(|e| e.to_string())?;
-            self.plugged
-                .lock()
-                .unwrap()
-                .insert(vol.into(), (instance.into(), name.clone()));
-            self.event(instance, "add", &name);
-            Ok(())
-        })
-    }
-    fn detach<'a>(&'a self, instance: &'a str, vol: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let Some((inst, name)) = self.plugged.lock().unwrap().remove(vol) else {
-                return Ok(());
-            };
-            if let Some((root, _)) = self.instances.lock().unwrap().get(&inst) {
-                let _ = std::fs::remove_dir_all(root.join("sys/block").join(&name));
-                let _ = std::fs::remove_file(root.join("dev").join(&name));
-            }
-            self.event(instance, "remove", &name);
-            Ok(())
-        })
-    }
-    fn instance_gone<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            self.instances.lock().unwrap().remove(instance);
-            self.plugged
-                .lock()
-                .unwrap()
-                .retain(|_, (i, _)| i != instance);
-        })
-    }
-}
-
-struct World {
-    fidelity: Fidelity,
-    moto: MotoServer,
-    disks: Arc<Disks>,
-    dir: PathBuf,
-}
 
 struct Instance {
     id: String,
@@ -157,65 +37,16 @@ struct Instance {
     volume: EbsVolume<Ec2Client, FakeSystem>,
 }
 
-fn fast() -> Settings {
-    Settings {
-        attach_latency: Duration::from_millis(300),
-        detach_latency: Duration::from_millis(200),
-        volume_creation: Duration::from_millis(200),
-        snapshot_duration: Duration::from_millis(800),
-        shutting_down: Duration::from_millis(300),
-        release_after_termination: Duration::from_secs(3),
-        ..Settings::default()
-    }
-}
-
-/// Default volume settings for tests: small, quick waits.
-fn vcfg() -> config::Volume {
-    config::Volume {
-        size_gib: 1,
-        attach_timeout_secs: 30,
-        device_timeout_secs: 10,
-        release_wait_secs: 60,
-        snapshot_timeout_secs: 60,
-        ..config::Volume::default()
-    }
-}
-
 impl World {
-    async fn start(settings: Settings) -> World {
-        let dir = unique_temp_dir("spotinit-volume-test").unwrap();
-        let moto = MotoServer::start().await.expect("moto server");
-        let disks = Arc::new(Disks {
-            dir: dir.join("ebs"),
-            instances: Mutex::new(HashMap::new()),
-            plugged: Mutex::new(HashMap::new()),
-            next: AtomicUsize::new(0),
-        });
-        std::fs::create_dir_all(&disks.dir).unwrap();
-        let fidelity = Fidelity::start(moto.endpoint(), disks.clone(), settings)
-            .await
-            .unwrap();
-        World {
-            fidelity,
-            moto,
-            disks,
-            dir,
-        }
-    }
-
     async fn instance(&self, zone: &str, cfg: config::Volume, driver: &str) -> Instance {
-        let id = self.moto.client().run_instance(zone).await.unwrap();
-        let imds = ImdsMock::start(spotworld::imds::Identity::new(&id, zone), None)
-            .await
-            .unwrap();
-        let root = self.dir.join(&id);
-        std::fs::create_dir_all(root.join("sys/block")).unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.disks
-            .instances
-            .lock()
-            .unwrap()
-            .insert(id.clone(), (root.clone(), tx));
+        let InstanceParts {
+            id,
+            root,
+            imds,
+            ec2,
+            me,
+            devices,
+        } = self.instance_parts(zone).await;
         let fake = FakeSystem::new(&root);
         // mkfs runs for real on the backing file, so signatures are real.
         fake.on_spawn("mkfs.ext4", |cmd| {
@@ -248,18 +79,6 @@ impl World {
                 _ => {}
             }
         });
-        let meta = Imds::new(Some(&imds.endpoint())).unwrap();
-        let ec2 =
-            Ec2Client::with_instance_role("us-east-1", Some(&self.fidelity.endpoint()), &meta);
-        let me = Identity {
-            instance_id: id.clone(),
-            region: "us-east-1".into(),
-            zone: zone.into(),
-            account_id: "123456789012".into(),
-            instance_type: "t3.small".into(),
-            image_id: "ami-03cf127a".into(),
-        };
-        let devices = DeviceWatcher::start(root.join("sys/block"), rx);
         let volume = EbsVolume::new(
             Arc::new(ec2),
             Arc::new(fake.clone()),
@@ -276,19 +95,6 @@ impl World {
             _imds: imds,
             volume,
         }
-    }
-
-    /// The volumes that are not instance root volumes (moto gives every instance one).
-    async fn volumes(&self) -> Vec<spotworld::moto::Volume> {
-        let mut v = self.moto.client().describe_volumes_all().await.unwrap();
-        v.retain(|v| !v.tags.is_empty());
-        v
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -310,10 +116,6 @@ impl Instance {
             .unwrap()
             .unwrap()
     }
-}
-
-fn tag<'a>(v: &'a spotworld::moto::Volume, k: &str) -> Option<&'a str> {
-    v.tags.get(k).map(String::as_str)
 }
 
 #[tokio::test]
@@ -445,38 +247,6 @@ async fn an_interrupted_move_is_finished_not_duplicated() {
     assert_eq!(b.volume.acquire().await.unwrap().volume_id, new);
     let o = w.moto.client().describe_volume(&old).await.unwrap();
     assert_eq!(tag(&o, "spotinit:superseded-by"), Some(new.as_str()));
-}
-
-async fn create_tagged(
-    api: &spotworld::moto::Ec2Client,
-    zone: &str,
-    tags: &[(&str, &str)],
-) -> String {
-    let mut p: Vec<(String, String)> = vec![
-        ("AvailabilityZone".into(), zone.into()),
-        ("Size".into(), "1".into()),
-        ("TagSpecification.1.ResourceType".into(), "volume".into()),
-    ];
-    for (i, (k, v)) in tags.iter().enumerate() {
-        p.push((
-            format!("TagSpecification.1.Tag.{}.Key", i + 1),
-            k.to_string(),
-        ));
-        p.push((
-            format!("TagSpecification.1.Tag.{}.Value", i + 1),
-            v.to_string(),
-        ));
-    }
-    let params: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let xml = api.call("CreateVolume", &params).await.unwrap();
-    let id = spotworld::moto::root_text(&xml, "volumeId").unwrap();
-    // Wait out `creating`.
-    let until = Instant::now() + Duration::from_secs(10);
-    while api.describe_volume(&id).await.unwrap().state != "available" {
-        assert!(Instant::now() < until, "volume {id} stays creating");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    id
 }
 
 #[tokio::test]
@@ -687,13 +457,6 @@ async fn foreign_data_is_never_formatted() {
         "available"
     );
     assert_eq!(&std::fs::read(&img).unwrap()[..4], b"XFSB");
-}
-
-fn write_at(path: &Path, offset: u64, data: &[u8]) {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(data).unwrap();
 }
 
 #[tokio::test]
