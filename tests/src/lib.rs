@@ -8,13 +8,17 @@
 //! - [`imds`]: an IMDSv2 mock, one per simulated instance.
 //! - [`qemu`]: a QEMU instance (q35, TCG), its console and its QMP socket.
 //! - [`ebs`]: volumes as backing files, snapshots as copies, attach/detach as hot-plug.
+//! - [`world`]: all of the above assembled: launch instances booted from the spotinit image.
+//! - [`docker`]: a small Docker Engine API client and the counter test service.
 
+pub mod docker;
 pub mod ebs;
 pub mod fidelity;
 pub mod imds;
 pub mod moto;
 pub mod qemu;
 pub mod query;
+pub mod world;
 
 use std::future::Future;
 use std::pin::Pin;
