@@ -1,0 +1,65 @@
+//! What the end-to-end scenarios (`e2e_*.rs`) share. Each scenario boots real VMs of the image
+//! `image/build.sh` made (TCG: slow, and slower when two boot at once on a shared machine), so
+//! every wait is on a console marker or an API condition with a generous deadline.
+//!
+//! Prerequisites (each missing one fails the test naming its fix): the built image in
+//! `build/image/`, QEMU 10, busybox-static, moto (`pip install -r tests/requirements.txt`),
+//! e2fsprogs (debugfs), and OVMF for the UEFI scenario. Work files stay in
+//! `build/test-runs/<scenario>/` (console logs with timestamps, QMP logs, volume files).
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use spotworld::qemu::{ConsoleCursor, ConsoleLine};
+use spotworld::world::SimInstance;
+
+/// From QEMU's start to `spotinit: ready` (about 20 s alone; much more with two VMs booting).
+pub const BOOT: Duration = Duration::from_secs(300);
+/// Any one step after the boot: a drain, a detach, a container coming back.
+pub const STEP: Duration = Duration::from_secs(180);
+
+/// Waits for the next line containing `needle`, panicking with the console tail otherwise.
+pub async fn expect(c: &mut ConsoleCursor, needle: &str, deadline: Duration) -> ConsoleLine {
+    match c.wait_for(needle, deadline).await {
+        Ok(l) => l,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Panics if any console line so far contains `needle`.
+pub fn never(i: &SimInstance, needle: &str) {
+    let c = i.console();
+    if c.contains(needle) {
+        let line = c
+            .lines()
+            .into_iter()
+            .find(|l| l.text.contains(needle))
+            .unwrap();
+        panic!(
+            "instance {} printed {needle:?}, which it must not:\n  {line}\n{}",
+            i.name,
+            i.diagnostics()
+        );
+    }
+}
+
+/// The first line containing `needle`, whatever the cursor (panics naming it otherwise).
+pub fn line(i: &SimInstance, needle: &str) -> ConsoleLine {
+    i.console()
+        .lines()
+        .into_iter()
+        .find(|l| l.text.contains(needle))
+        .unwrap_or_else(|| {
+            panic!(
+                "instance {}: no line containing {needle:?}\n{}",
+                i.name,
+                i.diagnostics()
+            )
+        })
+}
+
+/// Prints a measured step (visible with `--nocapture`, and in the test output on failure).
+pub fn report(what: &str, since: Instant) {
+    println!("{what}: {:.1} s", since.elapsed().as_secs_f64());
+}
