@@ -1,0 +1,103 @@
+//! Scenario 2, graceful interruption: a spot interruption notice (two minutes) makes spotinit
+//! stop the containers, Docker and containerd, unmount and detach the volume well before the
+//! deadline; a new instance in the same zone, booted from the pristine image, finds the volume,
+//! and the container comes back by itself (`--restart always`) with the same counter.
+//!
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_2_graceful_interruption -- --nocapture`
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{expect, never, report, BOOT, STEP};
+use spotworld::docker::{deploy_counter, Counter};
+use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
+
+#[tokio::test]
+async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
+    let t0 = Instant::now();
+    let world = World::start(WorldSettings::new("e2e-2-graceful"))
+        .await
+        .unwrap();
+    let a = world
+        .launch(InstanceSpec::new("a", "us-east-1a").user_data(UserData::new("e2e-2").to_toml()))
+        .await
+        .unwrap();
+    a.wait_ready(BOOT).await.unwrap();
+    let docker = a.docker().unwrap();
+    docker.wait_ping(STEP).await.unwrap();
+    deploy_counter(&docker).await.unwrap();
+    let counter = Counter {
+        port: a.service_port().unwrap(),
+    };
+    counter.wait_value(STEP).await.unwrap();
+    for want in 1..=3 {
+        assert_eq!(counter.increment().await.unwrap(), want);
+    }
+    let volume_id = world.volumes().await.unwrap()[0].id.clone();
+    report("a: ready, counter at 3", t0);
+
+    // EC2 posts the notice two minutes ahead; spotinit polls IMDS every 2 s.
+    let mut c = a.console_from_now();
+    let notice_at = Instant::now();
+    let deadline = notice_at + Duration::from_secs(120);
+    a.post_spot_notice(Duration::from_secs(120));
+    expect(&mut c, "spot: interruption notice: terminate", STEP).await;
+    expect(&mut c, "shutting down: spot interruption notice", STEP).await;
+    let stopped = expect(&mut c, "shutdown: 1 containers stopped", STEP).await;
+    expect(&mut c, "dockerd stopped", STEP).await;
+    expect(&mut c, "containerd stopped", STEP).await;
+    expect(&mut c, "volume: unmounted in", STEP).await;
+    let detached = expect(&mut c, &format!("volume: {volume_id} detached in"), STEP).await;
+    expect(&mut c, "shutdown: done in", STEP).await;
+    expect(&mut c, "drained; waiting for EC2", STEP).await;
+    let detached_at = a.instant_of(&detached);
+    assert!(
+        detached_at < deadline,
+        "the volume was detached {:.1} s after the notice, past its two minutes",
+        (detached_at - notice_at).as_secs_f64()
+    );
+    println!(
+        "a: containers stopped at +{:.1} s, volume detached at +{:.1} s after the notice ({:.1} s before the deadline)",
+        (a.instant_of(&stopped) - notice_at).as_secs_f64(),
+        (detached_at - notice_at).as_secs_f64(),
+        (deadline - detached_at).as_secs_f64()
+    );
+    // EC2 sees it too, and so can the next instance at once.
+    let v = world.volume(&volume_id).await.unwrap();
+    assert_eq!(v.state, "available", "{v:?}");
+    // At (or before) the deadline EC2 takes the instance; it holds nothing any more.
+    a.reclaim().await.unwrap();
+    report("a: drained, detached, reclaimed", t0);
+
+    // The successor: same zone, pristine image, Docker's API not even exposed. The container
+    // comes back by itself, with its data.
+    let mut ud = UserData::new("e2e-2");
+    ud.docker_api = false;
+    let b = world
+        .launch(InstanceSpec::new("b", "us-east-1a").user_data(ud.to_toml()))
+        .await
+        .unwrap();
+    let mut c = b.console();
+    expect(&mut c, &format!("volume: found {volume_id}"), BOOT).await;
+    expect(&mut c, "volume: filesystem clean", STEP).await;
+    let record = expect(&mut c, "volume: record: boot 2 of this state", STEP).await;
+    assert!(
+        record
+            .text
+            .contains(&format!("last on {} (clean shutdown)", a.id)),
+        "{}",
+        record.text
+    );
+    b.wait_ready(BOOT).await.unwrap();
+    never(&b, "creating ext4");
+    let counter = Counter {
+        port: b.service_port().unwrap(),
+    };
+    assert_eq!(counter.wait_value(STEP).await.unwrap(), 3);
+    assert_eq!(counter.increment().await.unwrap(), 4);
+    let vols = world.volumes().await.unwrap();
+    assert_eq!(vols.len(), 1, "{vols:?}");
+    assert_eq!(vols[0].attachments[0].instance_id, b.id);
+    report("scenario 2", t0);
+}
