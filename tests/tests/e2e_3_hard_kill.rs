@@ -1,0 +1,126 @@
+//! Scenario 3, hard kill without warning: the instance is SIGKILLed while the counter is being
+//! incremented as fast as it answers. EC2 holds the volume for a while after the termination;
+//! the new instance waits for the release, checks the filesystem (the journal is replayed), and
+//! every increment the service acknowledged — each one fsync'ed before the answer — is there.
+//!
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_3_hard_kill -- --nocapture`
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{expect, never, report, BOOT, STEP};
+use spotworld::docker::{deploy_counter, Counter};
+use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
+
+#[tokio::test]
+async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_write() {
+    let t0 = Instant::now();
+    let world = World::start(WorldSettings::new("e2e-3-hard-kill"))
+        .await
+        .unwrap();
+    let release = world.fidelity().settings().release_after_termination;
+    let a = world
+        .launch(InstanceSpec::new("a", "us-east-1a").user_data(UserData::new("e2e-3").to_toml()))
+        .await
+        .unwrap();
+    a.wait_ready(BOOT).await.unwrap();
+    let docker = a.docker().unwrap();
+    docker.wait_ping(STEP).await.unwrap();
+    deploy_counter(&docker).await.unwrap();
+    let counter = Counter {
+        port: a.service_port().unwrap(),
+    };
+    counter.wait_value(STEP).await.unwrap();
+    let volume_id = world.volumes().await.unwrap()[0].id.clone();
+    report("a: ready, counter deployed", t0);
+
+    // Increment without pause; remember the last value the service acknowledged.
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hammer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut errors = 0;
+            while !stop.load(Ordering::SeqCst) {
+                match counter.increment().await {
+                    Ok(v) => {
+                        let before = acked.swap(v, Ordering::SeqCst);
+                        assert_eq!(v, before + 1, "increments are sequential");
+                    }
+                    // The instance vanished under the request.
+                    Err(_) => errors += 1,
+                }
+            }
+            errors
+        })
+    };
+    let until = Instant::now() + STEP;
+    while acked.load(Ordering::SeqCst) < 5 {
+        assert!(
+            Instant::now() < until,
+            "fewer than 5 increments in {STEP:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Kill in the middle of the stream: at most one increment is in flight.
+    a.kill_hard().await.unwrap();
+    let killed_at = Instant::now();
+    let last_acked = acked.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    hammer.await.unwrap();
+    println!("a: killed with {last_acked} increments acknowledged");
+
+    // EC2 still holds the volume for the dead instance.
+    let v = world.volume(&volume_id).await.unwrap();
+    assert_eq!(v.state, "in-use", "{v:?}");
+    assert_eq!(v.attachments[0].instance_id, a.id, "{v:?}");
+
+    let mut ud = UserData::new("e2e-3");
+    ud.docker_api = false;
+    let b = world
+        .launch(InstanceSpec::new("b", "us-east-1a").user_data(ud.to_toml()))
+        .await
+        .unwrap();
+    let mut c = b.console();
+    expect(&mut c, &format!("volume: found {volume_id}"), BOOT).await;
+    let waiting = expect(&mut c, &format!("is still attached to {}", a.id), STEP).await;
+    assert!(waiting.text.contains("waiting up to"), "{}", waiting.text);
+    let released = expect(&mut c, &format!("volume: {volume_id} released after"), STEP).await;
+    let released_at = b.instant_of(&released);
+    assert!(
+        released_at >= killed_at + release,
+        "released {:.1} s after the kill, before EC2's release delay of {release:?}",
+        (released_at - killed_at).as_secs_f64()
+    );
+    let checking = expect(&mut c, "checking it", STEP).await;
+    println!("b: {}", checking.text);
+    expect(&mut c, "volume: filesystem ", STEP).await;
+    let record = expect(&mut c, "volume: record: boot 2 of this state", STEP).await;
+    assert!(
+        record.text.contains("no clean shutdown"),
+        "the record should say the last shutdown was not clean: {}",
+        record.text
+    );
+    let ready = b.wait_ready(BOOT).await.unwrap();
+    never(&b, "creating ext4");
+    println!(
+        "b: ready {:.1} s after the kill (EC2 released the volume after {:.1} s)",
+        (b.instant_of(&ready) - killed_at).as_secs_f64(),
+        (released_at - killed_at).as_secs_f64()
+    );
+
+    let counter = Counter {
+        port: b.service_port().unwrap(),
+    };
+    let value = counter.wait_value(STEP).await.unwrap();
+    assert!(
+        value == last_acked || value == last_acked + 1,
+        "after the kill the counter is {value}; {last_acked} increments were acknowledged \
+         (each fsync'ed before its answer), at most one more was in flight"
+    );
+    assert_eq!(counter.increment().await.unwrap(), value + 1);
+    report("scenario 3", t0);
+}
