@@ -6,7 +6,7 @@ use crate::cloud::{CloudError, Identity, Metadata};
 use crate::config::{Config, ConfigError, VolumeMode, IMAGE_CONFIG};
 use crate::console::{human, uptime};
 use crate::retry::{Attempt, Retry};
-use crate::services::{docker, Supervisor};
+use crate::services::{self, docker, Supervisor};
 use crate::shutdown::Request;
 use crate::sys::{Paths, System};
 use crate::volume::{self, Mounted, VolumeError, VolumePhase};
@@ -197,6 +197,9 @@ pub async fn boot<S: System, P: Platform>(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(made);
+        if let Some(note) = crate::host::hypervisor_note(paths) {
+            crate::log!("{note}");
+        }
     }
 
     // The command line and the image's file first: they say where IMDS is and how to
@@ -271,6 +274,15 @@ pub async fn boot<S: System, P: Platform>(
         }
     }
     platform.watch(&config, &meta, m.requests.clone());
+    if pid1 {
+        // Before the first signed EC2 call: SigV4 fails on a clock 5 minutes off.
+        let clock = phase(
+            "clock",
+            services::clock::sync(sys, paths, &m.supervisor, &config.time),
+        )
+        .await?;
+        crate::log!("clock: {clock}");
+    }
     st.identity = Some(identity.clone());
     st.metadata = Some(meta.clone());
     st.config = Some(config.clone());
@@ -293,6 +305,10 @@ pub async fn boot<S: System, P: Platform>(
             platform.volume_ready(&config, &identity, &meta, &mounted.volume_id);
             st.mounted = Some(mounted);
         }
+    }
+    if pid1 {
+        let on_volume = config.volume.mode != VolumeMode::None;
+        start_ssh(m, &config, &meta, on_volume).await;
     }
     if config.volume.mode == VolumeMode::PersistedRoot {
         phase("persisted root", async {
@@ -347,6 +363,16 @@ pub async fn boot<S: System, P: Platform>(
             m.supervisor
                 .launch(docker::dockerd(paths, &config.docker))
                 .await?;
+        if config.docker.block_imds && pid1 {
+            match docker::block_imds(sys, early.imds_endpoint.as_deref()).await {
+                Ok(r) => crate::log!(
+                    "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
+                ),
+                Err(e) => crate::log!(
+                    "docker: WARNING: could not keep containers away from IMDS: {e}; they may reach the instance role's credentials"
+                ),
+            }
+        }
             docker::wait_for_ping(
                 &paths.p(docker::DOCKER_SOCKET),
                 Duration::from_secs(config.docker.start_timeout_secs),
@@ -363,6 +389,31 @@ pub async fn boot<S: System, P: Platform>(
         resident_memory(paths)
     );
     Ok(())
+}
+
+/// Operator access, when a key is configured. Its host key is on the state volume when there is
+/// one, so replacements present the same key. Never fatal: a boot without SSH is still a boot.
+pub async fn start_ssh<S: System, M: Metadata>(
+    m: &Machine<S>,
+    config: &Config,
+    meta: &M,
+    on_volume: bool,
+) {
+    let pair = if config.ssh.use_key_pair {
+        meta.key_pair().await.ok().flatten()
+    } else {
+        None
+    };
+    let keys = services::ssh::authorized_keys(&config.ssh, pair.as_deref());
+    if keys.is_empty() {
+        crate::log!("ssh: off (no EC2 key pair and no ssh.authorized_keys)");
+        return;
+    }
+    let dir = services::ssh::key_dir(&m.paths, on_volume);
+    match services::ssh::start(&*m.sys, &m.paths, &m.supervisor, &config.ssh, &keys, &dir).await {
+        Ok(line) => crate::log!("ssh: {line}"),
+        Err(e) => crate::log!("ssh: not started: {e}"),
+    }
 }
 
 /// Our resident memory (VmRSS), for the ready line.

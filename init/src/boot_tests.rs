@@ -25,7 +25,7 @@ async fn boot_runs_the_phases_in_order_and_docker_starts_last() {
 
     let b = fake.briefs();
     assert_eq!(
-        &b[..10],
+        &b[..11],
         &[
             "mount proc /proc",
             "mount sysfs /sys",
@@ -36,6 +36,7 @@ async fn boot_runs_the_phases_in_order_and_docker_starts_last() {
             "mount tmpfs /tmp",
             "mount tmpfs /var",
             "mount tmpfs /etc/docker",
+            "mount tmpfs /root",
             "mount cgroup2 /sys/fs/cgroup",
         ]
     );

@@ -27,6 +27,8 @@ pub struct Config {
     pub spot: Spot,
     pub snapshots: Snapshots,
     pub address: Address,
+    pub time: Time,
+    pub ssh: Ssh,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -143,6 +145,8 @@ pub struct Docker {
     pub stop_timeout_secs: u64,
     /// How long to wait for containerd's socket and dockerd's /_ping at boot.
     pub start_timeout_secs: u64,
+    /// Keep containers on Docker's networks away from IMDS (the instance role's credentials).
+    pub block_imds: bool,
 }
 
 impl Default for Docker {
@@ -153,6 +157,7 @@ impl Default for Docker {
             daemon: toml::Table::new(),
             stop_timeout_secs: 60,
             start_timeout_secs: 120,
+            block_imds: true,
         }
     }
 }
@@ -240,6 +245,44 @@ impl Default for Snapshots {
 pub struct Address {
     /// Associate this Elastic IP (`eipalloc-...`) with the instance at boot.
     pub elastic_ip_allocation_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Time {
+    /// NTP servers, `host` or `host:port` (`[v6]:port`). Default: the Amazon Time Sync Service.
+    pub servers: Vec<String>,
+    /// How long the boot waits for the first synchronisation before the first signed EC2 call.
+    pub sync_timeout_secs: u64,
+}
+
+impl Default for Time {
+    fn default() -> Self {
+        Time {
+            servers: vec!["169.254.169.123".into(), "[fd00:ec2::123]".into()],
+            sync_timeout_secs: 15,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ssh {
+    /// Public keys allowed to log in as root (besides the EC2 key pair's).
+    pub authorized_keys: Vec<String>,
+    /// Also allow the EC2 key pair the instance was launched with (from IMDS).
+    pub use_key_pair: bool,
+    pub port: u16,
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Ssh {
+            authorized_keys: Vec::new(),
+            use_key_pair: true,
+            port: 22,
+        }
+    }
 }
 
 /// Where a piece of configuration came from, for messages.
@@ -484,6 +527,23 @@ impl Config {
                     format!("'{a}' is not an allocation id (expected eipalloc-...)"),
                 ));
             }
+        }
+        for (i, k) in self.ssh.authorized_keys.iter().enumerate() {
+            let kind = k.split_whitespace().next().unwrap_or_default();
+            if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+            {
+                p.push((
+                    "ssh.authorized_keys".into(),
+                    format!("entry {} is not an OpenSSH public key (expected \"ssh-ed25519 AAAA... comment\")", i + 1),
+                ));
+            }
+        }
+        if self.time.servers.is_empty() {
+            p.push((
+                "time.servers".into(),
+                "at least one NTP server: SigV4-signed EC2 calls fail with a clock 5 minutes off"
+                    .into(),
+            ));
         }
         for (key, url) in [
             ("imds_endpoint", &self.imds_endpoint),

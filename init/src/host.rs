@@ -43,6 +43,8 @@ pub fn early_mount_table() -> Vec<(
         ("tmpfs", "tmpfs", "/var", nsd, "mode=0755"),
         // dockerd writes /etc/docker/key.json.
         ("tmpfs", "tmpfs", "/etc/docker", nsd, "mode=0755"),
+        // root's home: the operator's authorized_keys, shell history.
+        ("tmpfs", "tmpfs", "/root", nsd, "mode=0700"),
         ("cgroup2", "cgroup2", "/sys/fs/cgroup", nsde, "nsdelegate"),
     ]
 }
@@ -267,6 +269,14 @@ pub async fn network<S: System + ?Sized>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A note when this is not a Nitro instance: the AMI is built for Nitro (UEFI, NVMe, ENA).
+pub fn hypervisor_note(paths: &Paths) -> Option<String> {
+    let t = std::fs::read_to_string(paths.p("/sys/hypervisor/type")).ok()?;
+    (t.trim() == "xen").then(|| {
+        "this is a Xen instance type; spotinit supports Nitro instance types only (NVMe EBS, ENA network): choose e.g. t3, m6i, c6i, r6i".to_string()
+    })
 }
 
 /// The image's version stamp, one line for the console.

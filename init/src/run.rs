@@ -156,6 +156,12 @@ pub async fn serve<S: System, P: Platform>(
         Outcome::Failed(e) => {
             let req = failure_request(&e, st.config.as_ref());
             if req.then == Then::Stay {
+                // For debugging: SSH with a throwaway host key, if a key is configured.
+                if let (Some(cfg), Some(meta)) = (&st.config, &st.metadata) {
+                    if m.mode == Mode::Pid1 {
+                        crate::boot::start_ssh(m, cfg, meta, false).await;
+                    }
+                }
                 crate::log!("waiting for a shutdown request (power button, SIGTERM)");
                 requests.recv().await.unwrap_or_else(fallback)
             } else {

@@ -44,6 +44,9 @@ impl Metadata for FakeMeta {
     async fn rebalance(&self) -> Result<Option<String>, CloudError> {
         Ok(None)
     }
+    async fn key_pair(&self) -> Result<Option<String>, CloudError> {
+        Ok(None)
+    }
 }
 
 /// What the fake volume does on acquire.

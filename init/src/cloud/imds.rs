@@ -195,6 +195,11 @@ impl Metadata for Imds {
         }
     }
 
+    async fn key_pair(&self) -> Result<Option<String>, CloudError> {
+        self.get_optional("/latest/meta-data/public-keys/0/openssh-key")
+            .await
+    }
+
     async fn rebalance(&self) -> Result<Option<String>, CloudError> {
         let path = "/latest/meta-data/events/recommendations/rebalance";
         Ok(self.get_optional(path).await?.map(|doc| {

@@ -37,6 +37,8 @@ pub trait Metadata: Send + Sync + 'static {
     fn spot_action(&self) -> impl Future<Output = Result<Option<SpotAction>, CloudError>> + Send;
     /// The rebalance recommendation's notice time, once there is one.
     fn rebalance(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// The public key of the EC2 key pair the instance was launched with, if any.
+    fn key_pair(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -213,6 +215,8 @@ impl CloudError {
             "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
                 ErrorKind::Transient
             }
+            // Signed with a wrong clock: passes once chronyd has corrected it.
+            "RequestExpired" | "RequestTimeTooSkewed" => ErrorKind::Transient,
             "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" | "Blocked" => {
                 ErrorKind::Unauthorized
             }
@@ -242,6 +246,15 @@ impl fmt::Display for CloudError {
         match &self.code {
             Some(c) => write!(f, ": {c}: {}", self.message)?,
             None => write!(f, ": {}", self.message)?,
+        }
+        if matches!(
+            self.code.as_deref(),
+            Some("RequestExpired" | "RequestTimeTooSkewed")
+        ) {
+            write!(
+                f,
+                " (the instance's clock is wrong: see the clock line above; chronyd keeps correcting it)"
+            )?;
         }
         if self.kind == ErrorKind::Unauthorized {
             write!(

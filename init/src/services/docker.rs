@@ -3,7 +3,7 @@
 
 use super::supervisor::ServiceSpec;
 use crate::config::Docker;
-use crate::sys::{CommandSpec, Output, Paths};
+use crate::sys::{CommandSpec, Output, Paths, System};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,6 +97,59 @@ pub fn write_daemon_json(paths: &Paths, cfg: &Docker) -> std::io::Result<PathBuf
     let text = serde_json::to_string_pretty(&daemon_json(cfg)).unwrap_or_default();
     std::fs::write(&path, text + "\n")?;
     Ok(path)
+}
+
+/// The iptables rules that keep containers on Docker's networks (the FORWARD path through
+/// DOCKER-USER) away from IMDS: the link-local addresses, and the endpoint spotinit itself uses
+/// when it is another one. Host-network containers share the host's stack and are not covered.
+pub fn imds_block_rules(imds_endpoint: Option<&str>) -> Vec<CommandSpec> {
+    let rule = |tool: &str, dest: &str, port: Option<&str>| {
+        let mut c = CommandSpec::new(format!("/usr/sbin/{tool}")).args([
+            "-w",
+            "-I",
+            "DOCKER-USER",
+            "-d",
+            dest,
+        ]);
+        if let Some(p) = port {
+            c = c.args(["-p", "tcp", "--dport", p]);
+        }
+        c.args(["-j", "REJECT"]).output(Output::Null)
+    };
+    let mut rules = vec![
+        rule("iptables", "169.254.169.254/32", None),
+        rule("ip6tables", "fd00:ec2::254/128", None),
+    ];
+    if let Some((host, port)) = imds_endpoint
+        .and_then(|e| e.split_once("://").map(|(_, r)| r))
+        .map(|r| r.split('/').next().unwrap_or(r))
+        .and_then(|hp| hp.rsplit_once(':').or(Some((hp, "80"))))
+    {
+        if host.parse::<std::net::Ipv4Addr>().is_ok() && host != "169.254.169.254" {
+            rules.push(rule("iptables", &format!("{host}/32"), Some(port)));
+        }
+    }
+    rules
+}
+
+/// Installs [`imds_block_rules`]. The IPv6 rule may fail where Docker has no IPv6 chain; the
+/// IPv4 ones must not.
+pub async fn block_imds<S: System + ?Sized>(
+    sys: &S,
+    imds_endpoint: Option<&str>,
+) -> Result<String, String> {
+    let mut done = Vec::new();
+    for rule in imds_block_rules(imds_endpoint) {
+        let dest = rule.args[4].clone();
+        match crate::sys::run(sys, &rule).await {
+            Ok(()) => done.push(dest),
+            Err(e) if rule.program.ends_with("ip6tables") => {
+                crate::log!("docker: no IPv6 IMDS rule ({e})");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done.join(", "))
 }
 
 /// Waits until a unix socket accepts connections.
@@ -222,6 +275,44 @@ mod tests {
             j["hosts"],
             serde_json::json!(["unix:///run/docker.sock", "tcp://0.0.0.0:2375"])
         );
+    }
+
+    #[test]
+    fn imds_rules_cover_the_link_local_addresses_and_the_endpoint_in_use() {
+        let r = imds_block_rules(None);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0].args,
+            [
+                "-w",
+                "-I",
+                "DOCKER-USER",
+                "-d",
+                "169.254.169.254/32",
+                "-j",
+                "REJECT"
+            ]
+        );
+        assert!(r[1].program.ends_with("ip6tables"));
+        let r = imds_block_rules(Some("http://10.0.2.2:8111"));
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            r[2].args,
+            [
+                "-w",
+                "-I",
+                "DOCKER-USER",
+                "-d",
+                "10.0.2.2/32",
+                "-p",
+                "tcp",
+                "--dport",
+                "8111",
+                "-j",
+                "REJECT"
+            ]
+        );
+        assert_eq!(imds_block_rules(Some("http://169.254.169.254")).len(), 2);
     }
 
     #[tokio::test]

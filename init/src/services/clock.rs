@@ -1,0 +1,155 @@
+//! The clock. SigV4-signed EC2 calls fail when the clock is more than 5 minutes off, so the
+//! boot starts chronyd against the Amazon Time Sync Service (169.254.169.123, fd00:ec2::123 on
+//! IPv6) and waits for its first synchronisation before the first EC2 call; chronyd stays
+//! supervised to keep the clock right.
+
+use super::supervisor::ServiceSpec;
+use crate::config::Time;
+use crate::console::human;
+use crate::sys::{run_code, CommandSpec, Output, Paths, System};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+pub const CONF: &str = "/run/spotinit/chrony.conf";
+/// uid/gid of `_chrony` in the image.
+const CHRONY_UID: u32 = 100;
+const CHRONY_GID: u32 = 101;
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` -> a chrony `server` line.
+pub fn server_line(spec: &str) -> String {
+    let (host, port) = if let Some(rest) = spec.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, p)) => (h.to_string(), p.strip_prefix(':').map(str::to_string)),
+            None => (rest.to_string(), None),
+        }
+    } else {
+        match spec.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p.to_string())),
+            _ => (spec.to_string(), None),
+        }
+    };
+    let port = port.map(|p| format!(" port {p}")).unwrap_or_default();
+    format!("server {host}{port} iburst minpoll 4 maxpoll 4")
+}
+
+/// chronyd's configuration: our servers; step the clock whenever it is more than a second off
+/// (an instance can start with its clock far off), never just slew.
+pub fn chrony_conf(cfg: &Time) -> String {
+    let mut s = String::from("# written by spotinit from [time]\n");
+    for server in &cfg.servers {
+        s.push_str(&server_line(server));
+        s.push('\n');
+    }
+    s.push_str(
+        "makestep 1 -1\n\
+         driftfile /var/lib/chrony/chrony.drift\n\
+         maxupdateskew 100.0\n\
+         rtcsync\n",
+    );
+    s
+}
+
+pub fn chronyd(paths: &Paths) -> ServiceSpec {
+    use caps::Capability::*;
+    ServiceSpec::new(
+        "chronyd",
+        CommandSpec::new("/usr/sbin/chronyd")
+            .args(["-d", "-u", "_chrony", "-f", CONF])
+            .output(super::docker::log_output(paths, "chronyd"))
+            // Setting the clock, and what it needs to drop to _chrony itself.
+            .keep_caps(vec![
+                CAP_SYS_TIME,
+                CAP_NET_BIND_SERVICE,
+                CAP_SETUID,
+                CAP_SETGID,
+                CAP_CHOWN,
+                CAP_DAC_OVERRIDE,
+                CAP_FOWNER,
+            ]),
+    )
+    .stop_timeout(Duration::from_secs(3))
+}
+
+/// Starts chronyd and waits for its first synchronisation. Returns a line for the console:
+/// the step it made, or why it gave up (then the boot goes on: the clock may well be right).
+pub async fn sync<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+    supervisor: &super::Supervisor,
+    cfg: &Time,
+) -> Result<String, String> {
+    let dir = paths.p("/var/lib/chrony");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    std::os::unix::fs::chown(&dir, Some(CHRONY_UID), Some(CHRONY_GID))
+        .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    std::fs::write(paths.p(CONF), chrony_conf(cfg)).map_err(|e| format!("write {CONF}: {e}"))?;
+    let (wall0, mono0) = (SystemTime::now(), Instant::now());
+    supervisor.launch(chronyd(paths)).await?;
+    // waitsync: up to N tries 0.5 s apart, until synchronised with a correction under 1 s.
+    let tries = (cfg.sync_timeout_secs * 2).max(1).to_string();
+    let wait = CommandSpec::new("/usr/bin/chronyc")
+        .args(["-n", "waitsync", &tries, "1", "0", "0.5"])
+        .output(Output::Null);
+    let synced = run_code(sys, &wait).await? == 0;
+    // How far the clock jumped: wall time elapsed minus real time elapsed.
+    let wall = SystemTime::now()
+        .duration_since(wall0)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_else(|e| -e.duration().as_secs_f64());
+    let step = wall - mono0.elapsed().as_secs_f64();
+    let step_text = if step.abs() < 0.5 {
+        "no step needed".to_string()
+    } else {
+        format!(
+            "stepped {} {}",
+            if step > 0.0 { "forward" } else { "back" },
+            human(Duration::from_secs_f64(step.abs()))
+        )
+    };
+    if synced {
+        Ok(format!(
+            "synchronised with {} in {} ({step_text})",
+            cfg.servers.join(", "),
+            human(mono0.elapsed())
+        ))
+    } else {
+        Ok(format!(
+            "NOT synchronised with {} within {} s ({step_text}); EC2 calls fail if the clock is more than 5 minutes off — chronyd keeps trying",
+            cfg.servers.join(", "),
+            cfg.sync_timeout_secs
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lines() {
+        assert_eq!(
+            server_line("169.254.169.123"),
+            "server 169.254.169.123 iburst minpoll 4 maxpoll 4"
+        );
+        assert_eq!(
+            server_line("10.0.2.2:12345"),
+            "server 10.0.2.2 port 12345 iburst minpoll 4 maxpoll 4"
+        );
+        assert_eq!(
+            server_line("[fd00:ec2::123]"),
+            "server fd00:ec2::123 iburst minpoll 4 maxpoll 4"
+        );
+        assert_eq!(
+            server_line("[fd00:ec2::123]:123"),
+            "server fd00:ec2::123 port 123 iburst minpoll 4 maxpoll 4"
+        );
+    }
+
+    #[test]
+    fn conf_steps_whenever_off() {
+        let c = chrony_conf(&Time::default());
+        assert!(c.contains("server 169.254.169.123 "));
+        assert!(c.contains("server fd00:ec2::123 "));
+        assert!(c.contains("makestep 1 -1"));
+    }
+}
