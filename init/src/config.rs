@@ -2,6 +2,7 @@
 //! 1. the kernel command line, `spotinit.<dotted.key>=<value>` (tests and images set these);
 //! 2. EC2 user data (TOML), fetched over IMDSv2;
 //! 3. an optional file baked into the image, `/etc/spotinit/config.toml`;
+//!
 //! and built-in defaults for everything else. Every error names its source, the key and, for
 //! TOML text, the line, and says what is expected. Unknown keys are errors: a typo must not
 //! silently fall back to a default that could, say, create a second volume.

@@ -341,21 +341,19 @@ pub async fn wait_snapshot<E: Ec2>(
                     detail: format!("snapshot {snapshot} failed (state error)"),
                 })
             }
-            Some(s) => {
-                if last_line.elapsed() >= Duration::from_secs(10) {
-                    crate::log!(
-                        "volume: snapshot {snapshot} of {volume}: {} after {}",
-                        if s.progress.is_empty() {
-                            "pending"
-                        } else {
-                            &s.progress
-                        },
-                        human(start.elapsed())
-                    );
-                    last_line = Instant::now();
-                }
+            Some(s) if last_line.elapsed() >= Duration::from_secs(10) => {
+                crate::log!(
+                    "volume: snapshot {snapshot} of {volume}: {} after {}",
+                    if s.progress.is_empty() {
+                        "pending"
+                    } else {
+                        &s.progress
+                    },
+                    human(start.elapsed())
+                );
+                last_line = Instant::now();
             }
-            None => {}
+            Some(_) | None => {}
         }
         if start.elapsed() > deadline {
             return Err(VolumeError::Timeout {

@@ -11,7 +11,7 @@ use crate::cloud::{Ec2, Identity};
 use crate::config::{self, VolumeMode};
 use crate::console::human;
 use crate::sys::{Paths, System};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -115,7 +115,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
     async fn prepare_filesystem(
         &mut self,
         volume_id: &str,
-        device: &PathBuf,
+        device: &Path,
     ) -> Result<bool, VolumeError> {
         let dev = device.display().to_string();
         let (size, content) = fs::probe(device).map_err(|e| VolumeError::Device {
@@ -195,7 +195,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
     async fn mount_and_record(
         &mut self,
         volume_id: &str,
-        device: &PathBuf,
+        device: &Path,
         fresh: bool,
     ) -> Result<Mounted, VolumeError> {
         let sys_err = |step| {
@@ -297,18 +297,20 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                     gib(info.size_bytes()),
                     gib(size)
                 );
-                fs::grow(&*self.sys, device)
-                    .await
-                    .map_err(|detail| VolumeError::Command {
-                        step: Step::Grow,
-                        volume: volume_id.into(),
-                        detail,
-                    })?;
+                // Not fatal: the state is intact, only smaller than the volume. Stopping here
+                // would make every replacement fail the same way.
+                if let Err(e) = fs::grow(&*self.sys, device).await {
+                    crate::log!(
+                        "volume: WARNING: could not grow the filesystem ({e}); continuing at {}. Run resize2fs {} by hand",
+                        gib(info.size_bytes()),
+                        device.display()
+                    );
+                }
             }
         }
         Ok(Mounted {
             volume_id: volume_id.into(),
-            device: device.clone(),
+            device: device.to_path_buf(),
             record,
         })
     }
