@@ -43,7 +43,10 @@ fn main() {
         });
     }
     report("start -> exec of containerd", &mut to_containerd);
-    report("start -> ready (fake dockerd answers at once)", &mut to_ready);
+    report(
+        "start -> ready (fake dockerd answers at once)",
+        &mut to_ready,
+    );
 }
 
 fn report(what: &str, v: &mut [Duration]) {
