@@ -666,3 +666,151 @@ fn early_mounts_then_the_drain_unmounts_them_in_reverse() {
         },
     );
 }
+
+/// Persisted-root mode with real mounts: the image's root is seeded onto the volume, then a
+/// child process (in a mount namespace of its own, so the test process keeps its root)
+/// pivots into it and checks what it sees: the seeded files, "/" being rootfs/ of the volume,
+/// the image's root gone from its mount table, the golden-rule check passing, and the root
+/// going read-only as the drain leaves it.
+#[test]
+fn persisted_root_seeds_then_pivots_into_the_volume() {
+    privileged(
+        "persisted_root_seeds_then_pivots_into_the_volume",
+        Ns::Mount,
+        &needs(&["cp"]),
+        Duration::from_secs(120),
+        |dir| async move {
+            use spotinit::volume::pivot;
+            let root = dir.join("root");
+            for d in [
+                "etc", "usr", "dev", "proc", "sys", "run", "tmp", "var", "mnt",
+            ] {
+                std::fs::create_dir_all(root.join(d)).unwrap();
+            }
+            std::fs::write(root.join("usr/marker"), "from the image").unwrap();
+            let paths = Paths::under(&root);
+            let mount = |fstype: &str, src: &str, target: &str, flags: MsFlags| {
+                Linux
+                    .mount(&MountSpec {
+                        source: src.into(),
+                        target: paths.p(target),
+                        fstype: (!fstype.is_empty()).then(|| fstype.to_string()),
+                        flags,
+                        data: None,
+                    })
+                    .unwrap()
+            };
+            mount("tmpfs", "tmpfs", "/run", MsFlags::empty());
+            mount("proc", "proc", "/proc", MsFlags::empty());
+            mount("sysfs", "sysfs", "/sys", MsFlags::empty());
+            mount("", "/dev", "/dev", MsFlags::MS_BIND | MsFlags::MS_REC);
+
+            let img = dir.join("vol.img");
+            sparse_file(&img, 64 * MIB);
+            let disk = Loop::attach(&img).await;
+            fs::mkfs(&Linux, &disk.dev, "spotinit-state").await.unwrap();
+            let vol = layout::mount_volume(&Linux, &paths, &disk.dev).unwrap();
+            let record = Record {
+                format: RECORD_FORMAT,
+                volume_id: "vol-0123456789abcdef0".into(),
+                storage_driver: "overlay2".into(),
+                last_instance: "i-0123456789abcdef0".into(),
+                boot_count: 1,
+                ..Record::default()
+            };
+            layout::write_record(&paths, &record).unwrap();
+
+            assert!(pivot::seed(&Linux, &paths, &vol).await.unwrap(), "seeded");
+            assert_eq!(
+                std::fs::read_to_string(vol.join("rootfs/usr/marker")).unwrap(),
+                "from the image"
+            );
+            assert!(vol.join("rootfs/var/lib/docker").is_dir());
+            assert!(!vol.join("rootfs.partial").exists());
+            assert!(
+                !pivot::seed(&Linux, &paths, &vol).await.unwrap(),
+                "seeded only once"
+            );
+
+            let mounted = Mounted {
+                volume_id: record.volume_id.clone(),
+                device: disk.dev.clone(),
+                record: record.clone(),
+            };
+            let volume_dev = dev_numbers(&disk.dev);
+            // SAFETY: the child only makes synchronous system calls and exits with _exit; the
+            // parent blocks in waitpid right away (so the runtime's reaper cannot take the
+            // child's status first).
+            match unsafe { nix::unistd::fork() }.unwrap() {
+                nix::unistd::ForkResult::Child => {
+                    let ok = std::panic::catch_unwind(|| {
+                        pivot_child(&paths, &vol, &mounted, &volume_dev)
+                    })
+                    .is_ok();
+                    // SAFETY: ends the forked child without running the parent's destructors.
+                    unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    let status = nix::sys::wait::waitpid(child, None).unwrap();
+                    assert_eq!(
+                        status,
+                        nix::sys::wait::WaitStatus::Exited(child, 0),
+                        "the pivot child failed (its messages are above)"
+                    );
+                }
+            }
+            // The parent's namespace never moved.
+            assert_eq!(
+                std::fs::read_to_string(root.join("usr/marker")).unwrap(),
+                "from the image"
+            );
+            for t in ["/run/spotinit/volume", "/dev", "/sys", "/proc", "/run"] {
+                let _ = Linux.umount(&paths.p(t), true);
+            }
+            drop(disk);
+        },
+    );
+}
+
+/// In the forked child: pivot and look around. Panics (caught by the caller) on any mismatch.
+fn pivot_child(paths: &Paths, vol: &Path, mounted: &Mounted, volume_dev: &str) {
+    use spotinit::volume::pivot;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("own mount namespace");
+    pivot::into(&Linux, paths, vol).unwrap_or_else(|e| panic!("pivot: {e}"));
+    assert_eq!(
+        std::fs::read_to_string("/usr/marker").unwrap(),
+        "from the image",
+        "the seeded root is /"
+    );
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts = spotinit::sys::parse_mountinfo(&info);
+    let slash = mounts
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == Path::new("/"))
+        .expect("a root mount");
+    assert_eq!(
+        (slash.device.as_str(), slash.root.as_str()),
+        (volume_dev, "/rootfs"),
+        "{info}"
+    );
+    assert!(
+        !mounts
+            .iter()
+            .any(|m| m.mount_point.starts_with(pivot::OLD_ROOT)),
+        "the image's root is detached: {info}"
+    );
+    assert!(Path::new("/run/spotinit/volume/.spotinit/record.toml").exists());
+    spotinit::volume::verify_persisted_root(&Paths::real(), mounted, "overlay2")
+        .unwrap_or_else(|e| panic!("golden rule: {e}"));
+    // What the drain does with a root it cannot unmount.
+    Linux
+        .remount(
+            Path::new(layout::VOLUME_MOUNT),
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        )
+        .unwrap();
+    let e = std::fs::write("/written-after-the-drain", "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    eprintln!("pivot child: / is rootfs/ of {volume_dev}, read-only after the drain");
+}

@@ -151,8 +151,9 @@ pub fn into<S: System + ?Sized>(
     })?;
     sys.pivot_root(&new_root, &put_old)
         .map_err(PivotError::PivotRoot)?;
-    // Now "/" is the persisted root; the image's root is at OLD_ROOT.
-    sys.umount(&paths.p(OLD_ROOT), true)
+    // Now "/" is the persisted root and the image's root is at OLD_ROOT: an absolute path in
+    // the new root, whatever `paths` was rooted at before.
+    sys.umount(Path::new(OLD_ROOT), true)
         .map_err(PivotError::DetachOldRoot)?;
     Ok(())
 }
