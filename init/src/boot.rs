@@ -5,7 +5,7 @@
 use crate::cloud::{CloudError, Identity, Metadata};
 use crate::config::{Config, ConfigError, VolumeMode, IMAGE_CONFIG};
 use crate::console::{human, uptime};
-use crate::retry::{Attempt, Retry};
+use crate::retry::Retry;
 use crate::services::{self, docker, Supervisor};
 use crate::shutdown::Request;
 use crate::sys::{Paths, System};
@@ -434,26 +434,13 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, CloudError>>,
 {
-    Retry::new(format!("IMDS {what}"))
+    let retry = Retry::new(format!("IMDS {what}"))
         .every(Duration::from_millis(500))
         .max_delay(Duration::from_secs(5))
-        .for_at_most(Duration::from_secs(60))
-        .run(|_| {
-            let fut = f();
-            async move {
-                fut.await.map_err(|e| {
-                    if e.is_retryable() {
-                        Attempt::Retry(e)
-                    } else {
-                        Attempt::Fail(e)
-                    }
-                })
-            }
-        })
+        .for_at_most(Duration::from_secs(60));
+    crate::cloud::with_retries(&retry, f)
         .await
-        .map_err(|e| {
-            PhaseFailure::Message(format!("cannot read {what} from IMDS: {}", e.into_inner()))
-        })
+        .map_err(|e| PhaseFailure::Message(format!("cannot read {what} from IMDS: {e}")))
 }
 
 /// The volume phase with the failure policy's retries: a failure that may pass (a holder

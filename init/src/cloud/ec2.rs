@@ -103,6 +103,15 @@ where
     }
 }
 
+/// A describe of one id: "no such resource" is an answer (None), not a failure.
+fn absent_is_none<T>(e: CloudError) -> Result<Option<T>, CloudError> {
+    if e.kind == ErrorKind::NotFound {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 fn tags_map(tags: &[Tag]) -> BTreeMap<String, String> {
     tags.iter()
         .filter_map(|t| {
@@ -184,14 +193,7 @@ impl Ec2 for Ec2Client {
     async fn describe_volume(&self, id: &str) -> Result<Option<VolumeInfo>, CloudError> {
         match self.client.describe_volumes().volume_ids(id).send().await {
             Ok(out) => Ok(out.volumes().first().map(volume_info)),
-            Err(e) => {
-                let e = sdk_error("DescribeVolumes", id, e);
-                if e.kind == ErrorKind::NotFound {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => absent_is_none(sdk_error("DescribeVolumes", id, e)),
         }
     }
 
@@ -199,24 +201,19 @@ impl Ec2 for Ec2Client {
         &self,
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<VolumeInfo>, CloudError> {
-        let target = describe_tags(tags);
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .client
-                .describe_volumes()
-                .set_filters(Some(tag_filters(tags)))
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| sdk_error("DescribeVolumes", &target, e))?;
-            out.extend(page.volumes().iter().map(volume_info));
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
+        let mut out: Vec<VolumeInfo> = self
+            .client
+            .describe_volumes()
+            .set_filters(Some(tag_filters(tags)))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| sdk_error("DescribeVolumes", &describe_tags(tags), e))?
+            .iter()
+            .map(volume_info)
+            .collect();
         // Deleted volumes linger in DescribeVolumes for a while; they are not candidates.
         out.retain(|v| v.state != "deleting" && v.state != "deleted");
         Ok(out)
@@ -360,14 +357,7 @@ impl Ec2 for Ec2Client {
                         .unwrap_or_default()
                         .into(),
                 })),
-            Err(e) => {
-                let e = sdk_error("DescribeInstances", id, e);
-                if e.kind == ErrorKind::NotFound {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => absent_is_none(sdk_error("DescribeInstances", id, e)),
         }
     }
 
@@ -402,14 +392,7 @@ impl Ec2 for Ec2Client {
             .await
         {
             Ok(out) => Ok(out.snapshots().first().map(snapshot_info)),
-            Err(e) => {
-                let e = sdk_error("DescribeSnapshots", id, e);
-                if e.kind == ErrorKind::NotFound {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => absent_is_none(sdk_error("DescribeSnapshots", id, e)),
         }
     }
 
@@ -417,25 +400,20 @@ impl Ec2 for Ec2Client {
         &self,
         tags: &BTreeMap<String, String>,
     ) -> Result<Vec<SnapshotInfo>, CloudError> {
-        let target = describe_tags(tags);
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .client
-                .describe_snapshots()
-                .owner_ids("self")
-                .set_filters(Some(tag_filters(tags)))
-                .set_next_token(token.take())
-                .send()
-                .await
-                .map_err(|e| sdk_error("DescribeSnapshots", &target, e))?;
-            out.extend(page.snapshots().iter().map(snapshot_info));
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
+        let out = self
+            .client
+            .describe_snapshots()
+            .owner_ids("self")
+            .set_filters(Some(tag_filters(tags)))
+            .into_paginator()
+            .items()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| sdk_error("DescribeSnapshots", &describe_tags(tags), e))?
+            .iter()
+            .map(snapshot_info)
+            .collect();
         Ok(out)
     }
 

@@ -4,9 +4,34 @@
 pub mod ec2;
 pub mod imds;
 
+use crate::retry::{Attempt, Retry};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+
+/// A cloud call under `retry`: again while the error is retryable (throttling, 5xx, timeouts),
+/// at once otherwise.
+pub async fn with_retries<T, F, Fut>(retry: &Retry, mut call: F) -> Result<T, CloudError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CloudError>>,
+{
+    retry
+        .run(|_| {
+            let fut = call();
+            async move {
+                fut.await.map_err(|e| {
+                    if e.is_retryable() {
+                        Attempt::Retry(e)
+                    } else {
+                        Attempt::Fail(e)
+                    }
+                })
+            }
+        })
+        .await
+        .map_err(|e| e.into_inner())
+}
 
 /// Who and where this instance is, from the IMDS identity document.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,37 +5,24 @@ use super::{Step, VolumeError};
 use crate::cloud::{CloudError, Ec2, ErrorKind, Identity, VolumeInfo};
 use crate::config;
 use crate::console::human;
-use crate::retry::{Attempt, Retry};
+use crate::retry::Retry;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// One EC2 call, retried with jittered backoff while EC2 throttles or fails (RequestLimitExceeded,
 /// 5xx, timeouts); any other error returns at once.
-pub async fn api<T, F, Fut>(call: &str, mut f: F) -> Result<T, CloudError>
+pub async fn api<T, F, Fut>(call: &str, f: F) -> Result<T, CloudError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, CloudError>>,
 {
-    Retry::new(call)
+    let retry = Retry::new(call)
         .every(Duration::from_millis(500))
         .max_delay(Duration::from_secs(20))
         .for_at_most(Duration::from_secs(180))
-        .jitter()
-        .run(|_| {
-            let fut = f();
-            async move {
-                fut.await.map_err(|e| {
-                    if e.is_retryable() {
-                        Attempt::Retry(e)
-                    } else {
-                        Attempt::Fail(e)
-                    }
-                })
-            }
-        })
-        .await
-        .map_err(|e| e.into_inner())
+        .jitter();
+    crate::cloud::with_retries(&retry, f).await
 }
 
 /// How the attach went.
