@@ -16,6 +16,7 @@ pub mod ebs;
 pub mod fidelity;
 pub mod imds;
 pub mod moto;
+pub mod ntp;
 pub mod qemu;
 pub mod query;
 pub mod world;

@@ -20,14 +20,18 @@
 //! loopback, where the IMDS mocks and the fidelity layer listen on ports of their own. Two ways:
 //!
 //! - [`Net::HostAlias`] (the default for direct kernel boot): the default `10.0.2.0/24` network;
-//!   the kernel command line says `spotinit.imds_endpoint=http://10.0.2.2:<imds port>` and
-//!   `spotinit.aws.ec2_endpoint=http://10.0.2.2:<fidelity port>`.
+//!   the kernel command line says `spotinit.imds_endpoint=http://10.0.2.2:<imds port>`,
+//!   `spotinit.aws.ec2_endpoint=http://10.0.2.2:<fidelity port>` and
+//!   `spotinit.time.servers=['10.0.2.2:<ntp port>']` (the world's [`NtpServer`], standing in for
+//!   the Amazon Time Sync Service that spotinit waits for before its first signed EC2 call).
 //! - [`Net::LinkLocal`] (the only way for UEFI, whose kernel command line is sealed in the UKI):
 //!   the network is `169.254.0.0/16`, IMDS is at the real `169.254.169.254:80` (a guest forward to
 //!   the instance's mock, so spotinit uses its built-in default), and the EC2 endpoint,
-//!   `http://169.254.2.2:<fidelity port>`, has to come in the user data: the world puts
-//!   `aws.ec2_endpoint = "..."` as the first line of the user data (so the user data must not
-//!   have an `[aws]` table of its own).
+//!   `http://169.254.2.2:<fidelity port>`, and the NTP server, `169.254.2.2:<ntp port>` (slirp
+//!   forwards only TCP to chosen addresses, and 169.254.169.123:123 would need the host's port
+//!   123), have to come in the user data: the world puts `aws.ec2_endpoint = "..."` and
+//!   `time.servers = [...]` as its first lines (so the user data must not have an `[aws]` or a
+//!   `[time]` table of its own).
 //!
 //! # Pristine images
 //!
@@ -50,6 +54,7 @@ use crate::ebs::EbsBridge;
 use crate::fidelity::{Fidelity, Settings};
 use crate::imds::ImdsMock;
 use crate::moto::{MotoServer, Volume};
+use crate::ntp::NtpServer;
 use crate::qemu::{ConsoleCursor, ConsoleLine, Error, Result, Vm, VmSpec};
 
 /// The guest port dockerd listens on (the user data's `docker.daemon.hosts`).
@@ -196,6 +201,7 @@ pub struct World {
     fidelity: Arc<Fidelity>,
     ebs: Arc<EbsBridge>,
     moto: MotoServer,
+    ntp: NtpServer,
     image: Image,
     dir: PathBuf,
     started: Instant,
@@ -231,10 +237,14 @@ impl World {
         let fidelity = Fidelity::start(moto.endpoint(), ebs.clone(), settings.fidelity)
             .await
             .map_err(|e| Error::new(format!("start the EC2 fidelity layer: {e}")))?;
+        let ntp = NtpServer::start()
+            .await
+            .map_err(|e| Error::new(format!("start the NTP server: {e}")))?;
         Ok(World {
             fidelity: Arc::new(fidelity),
             ebs,
             moto,
+            ntp,
             image,
             dir,
             started,
@@ -277,18 +287,22 @@ impl World {
             Net::LinkLocal => (LINK_LOCAL_HOST, spec.uefi),
         };
         let ec2_endpoint = format!("http://{host}:{}", self.fidelity.port());
-        let user_data = match (&spec.user_data, ec2_endpoint_in_user_data) {
-            (Some(u), true) => {
-                if u.lines().any(|l| l.trim_start().starts_with("[aws")) {
-                    return Err(Error::new(format!(
-                        "{what}: the world puts aws.ec2_endpoint into the user data of a UEFI \
-                         instance; the user data must not have an [aws] table of its own"
-                    )));
-                }
-                Some(format!("aws.ec2_endpoint = \"{ec2_endpoint}\"\n{u}"))
+        let ntp_server = format!("{host}:{}", self.ntp.port());
+        let user_data = if ec2_endpoint_in_user_data {
+            let u = spec.user_data.clone().unwrap_or_default();
+            if u.lines()
+                .any(|l| l.trim_start().starts_with("[aws") || l.trim_start().starts_with("[time"))
+            {
+                return Err(Error::new(format!(
+                    "{what}: the world puts aws.ec2_endpoint and time.servers into the user data \
+                     of a UEFI instance; the user data must not have an [aws] or [time] table"
+                )));
             }
-            (None, true) => Some(format!("aws.ec2_endpoint = \"{ec2_endpoint}\"\n")),
-            (u, false) => u.clone(),
+            Some(format!(
+                "aws.ec2_endpoint = \"{ec2_endpoint}\"\ntime.servers = [\"{ntp_server}\"]\n{u}"
+            ))
+        } else {
+            spec.user_data.clone()
         };
         let mut identity = crate::imds::Identity::new(&id, &spec.zone);
         if net == Net::LinkLocal {
@@ -313,7 +327,9 @@ impl World {
                     imds.port()
                 ));
             }
-            append.push_str(&format!(" spotinit.aws.ec2_endpoint={ec2_endpoint}"));
+            append.push_str(&format!(
+                " spotinit.aws.ec2_endpoint={ec2_endpoint} spotinit.time.servers=['{ntp_server}']"
+            ));
             if !spec.extra_cmdline.is_empty() {
                 append.push(' ');
                 append.push_str(&spec.extra_cmdline);
@@ -377,6 +393,11 @@ impl World {
 
     pub fn image(&self) -> &Image {
         &self.image
+    }
+
+    /// The NTP server every instance synchronises with.
+    pub fn ntp(&self) -> &NtpServer {
+        &self.ntp
     }
 
     /// `build/test-runs/<name>/`.
