@@ -1,7 +1,8 @@
-//! Scenario 2, graceful interruption: a spot interruption notice (two minutes) makes spotinit
-//! stop the containers, Docker and containerd, unmount and detach the volume well before the
-//! deadline; a new instance in the same zone, booted from the pristine image, finds the volume,
-//! and the container comes back by itself (`--restart always`) with the same counter.
+//! Scenario 2, graceful interruption: a rebalance recommendation makes spotinit snapshot the
+//! volume; then a spot interruption notice (two minutes) makes it stop the containers, Docker
+//! and containerd, unmount and detach the volume well before the deadline; a new instance in
+//! the same zone, booted from the pristine image, finds the volume, and the container comes back
+//! by itself (`--restart always`) with the same counter.
 //!
 //! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_2_graceful_interruption -- --nocapture`
 
@@ -36,6 +37,30 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
     }
     let volume_id = world.volumes().await.unwrap()[0].id.clone();
     report("a: ready, counter at 3", t0);
+
+    // A rebalance recommendation often comes first: spotinit snapshots the volume (the copy is
+    // taken with the VM paused, crash-consistent as an EBS snapshot).
+    let mut c = a.console_from_now();
+    a.post_rebalance();
+    expect(&mut c, "spot: rebalance recommendation at", STEP).await;
+    let started = expect(&mut c, "snapshots: started snap-", STEP).await;
+    assert!(
+        started
+            .text
+            .contains(&format!("of {volume_id} (rebalance recommendation")),
+        "{}",
+        started.text
+    );
+    let snaps = world.snapshots().await.unwrap();
+    let backup = snaps
+        .iter()
+        .find(|s| {
+            s.volume_id == volume_id
+                && s.tags.get("spotinit:purpose").map(String::as_str) == Some("backup")
+        })
+        .unwrap_or_else(|| panic!("no backup snapshot of {volume_id}: {snaps:?}"));
+    assert!(world.ebs().snapshot_file(&backup.id).is_file());
+    report("a: rebalance recommendation, snapshot taken", t0);
 
     // EC2 posts the notice two minutes ahead; spotinit polls IMDS every 2 s.
     let mut c = a.console_from_now();
