@@ -226,6 +226,8 @@ struct Marks {
     notice_a: Option<(Instant, ConsoleLine)>,
     kill_b: Option<Instant>,
     notice_c: Option<(Instant, ConsoleLine)>,
+    /// The fidelity layer's hold on a killed instance's volumes.
+    release_delay: Duration,
 }
 
 async fn run(d: &mut Demo, bench: bool) -> i32 {
@@ -246,7 +248,10 @@ async fn run(d: &mut Demo, bench: bool) -> i32 {
         return finish(d, None, &[], &Marks::default(), bench);
     };
     let mut instances: Vec<SimInstance> = Vec::new();
-    let mut marks = Marks::default();
+    let mut marks = Marks {
+        release_delay: world.fidelity().settings().release_after_termination,
+        ..Marks::default()
+    };
     let code = scenario(d, &world, &mut instances, &mut marks).await;
     let code = code.max(finish(d, Some(&world), &instances, &marks, bench));
     drop(instances);
@@ -619,13 +624,15 @@ fn benchmark(instances: &[SimInstance], marks: &Marks) {
         let released = find(c, "released after").map(|l| c.instant_of(&l) - killed);
         let ready = find(c, "spotinit: ready in").map(|l| c.instant_of(&l) - killed);
         println!(
-            "  kill of B → C ready: {}   (of which waiting for EC2's release: {})",
+            "  kill of B → C ready: {}   (of which until C saw the volume released: {}; EC2's \
+             simulated release delay {:.0} s, spotinit looks every 5 s)",
             ready
                 .map(|d| format!("{:.1} s", d.as_secs_f64()))
                 .unwrap_or("?".into()),
             released
                 .map(|d| format!("{:.1} s", d.as_secs_f64()))
-                .unwrap_or("?".into())
+                .unwrap_or("?".into()),
+            marks.release_delay.as_secs_f64()
         );
     }
     // spotinit's own phase timings, one column per instance.
