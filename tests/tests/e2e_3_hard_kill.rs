@@ -65,9 +65,10 @@ async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_writ
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Kill in the middle of the stream: at most one increment is in flight.
-    a.kill_hard().await.unwrap();
+    // Kill in the middle of the stream: at most one increment is in flight. (The instant is
+    // taken first: EC2's release clock starts after it.)
     let killed_at = Instant::now();
+    a.kill_hard().await.unwrap();
     let last_acked = acked.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     hammer.await.unwrap();
@@ -116,6 +117,9 @@ async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_writ
         port: b.service_port().unwrap(),
     };
     let value = counter.wait_value(STEP).await.unwrap();
+    println!(
+        "b: the counter is {value}; {last_acked} increments were acknowledged before the kill"
+    );
     assert!(
         value == last_acked || value == last_acked + 1,
         "after the kill the counter is {value}; {last_acked} increments were acknowledged \

@@ -395,6 +395,7 @@ async fn scenario(
     }
 
     // Hard kill of B; C waits for the release.
+    marks.kill_b = Some(Instant::now());
     if d.step(
         "kill B without warning (SIGKILL, EC2 terminates it)",
         async {
@@ -410,7 +411,6 @@ async fn scenario(
     {
         return 1;
     }
-    marks.kill_b = Some(Instant::now());
     let Some(c) = d
         .step(
             "launch instance C in us-east-1a (pristine image)",
