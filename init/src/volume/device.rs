@@ -117,6 +117,39 @@ pub fn read_disk(sys_block: &Path, name: &str) -> Option<Disk> {
     })
 }
 
+/// The `queue/io_timeout` files that govern a disk: its own or, for the head of a multipath
+/// NVMe namespace (`nvme0n1` of a controller that reports multi-controller support, as QEMU's
+/// does), which is bio-based and has none, those of its paths (`nvme0c0n1`, ...). Empty when
+/// there are none (then only the driver-wide `nvme_core.io_timeout` applies).
+pub fn io_timeout_files(sys_block: &Path, disk: &str) -> Vec<PathBuf> {
+    let own = sys_block.join(disk).join("queue/io_timeout");
+    if own.exists() {
+        return vec![own];
+    }
+    let Some((subsys, ns)) = disk
+        .strip_prefix("nvme")
+        .and_then(|rest| rest.split_once('n'))
+    else {
+        return Vec::new();
+    };
+    let Ok(rd) = std::fs::read_dir(sys_block) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<PathBuf> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (ctrl, n) = name
+                .strip_prefix(&format!("nvme{subsys}c"))?
+                .split_once('n')?;
+            let is_path = !ctrl.is_empty() && ctrl.chars().all(|c| c.is_ascii_digit()) && n == ns;
+            Some(sys_block.join(&name).join("queue/io_timeout")).filter(|f| is_path && f.exists())
+        })
+        .collect();
+    paths.sort();
+    paths
+}
+
 /// Every disk in `sys_block` (normally /sys/block).
 pub fn scan(sys_block: &Path) -> Vec<Disk> {
     let Ok(rd) = std::fs::read_dir(sys_block) else {
@@ -347,6 +380,38 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn io_timeout_is_the_disks_own_or_its_multipath_paths() {
+        let d = tmp("iotimeout");
+        let attr = |name: &str| {
+            let q = d.join(name).join("queue");
+            std::fs::create_dir_all(&q).unwrap();
+            std::fs::write(q.join("io_timeout"), "30000\n").unwrap();
+        };
+        // A plain namespace (EC2 Nitro): its own attribute.
+        attr("nvme2n1");
+        assert_eq!(
+            io_timeout_files(&d, "nvme2n1"),
+            vec![d.join("nvme2n1/queue/io_timeout")]
+        );
+        // A multipath head (QEMU): none of its own, its paths' instead; other namespaces' not.
+        std::fs::create_dir_all(d.join("nvme1n1/queue")).unwrap();
+        attr("nvme1c1n1");
+        attr("nvme1c3n1");
+        attr("nvme1c1n2");
+        attr("nvme11c1n1");
+        assert_eq!(
+            io_timeout_files(&d, "nvme1n1"),
+            vec![
+                d.join("nvme1c1n1/queue/io_timeout"),
+                d.join("nvme1c3n1/queue/io_timeout")
+            ]
+        );
+        // Xen names have no paths.
+        assert!(io_timeout_files(&d, "xvdf").is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     fn add(name: &str) -> Uevent {

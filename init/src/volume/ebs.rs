@@ -3,7 +3,7 @@
 //! acquire undoes exactly what was done.
 
 use super::attach;
-use super::device::{DeviceWatcher, VolumeMatch};
+use super::device::{io_timeout_files, DeviceWatcher, VolumeMatch};
 use super::fs::{self, Content};
 use super::layout::{self, Record, RECORD_FORMAT};
 use super::{pivot, select, Mounted, Step, VolumeError, VolumePhase};
@@ -99,13 +99,17 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         // EBS advises an effectively infinite NVMe I/O timeout so a slow EBS moment is not
         // turned into I/O errors (the kernel command line sets it for the driver too).
         if disk.name.starts_with("nvme") {
-            let t = self
-                .paths
-                .p("/sys/block")
-                .join(&disk.name)
-                .join("queue/io_timeout");
-            if let Err(e) = std::fs::write(&t, "4294967295") {
-                crate::log!("volume: cannot set {}: {e} (continuing)", t.display());
+            let files = io_timeout_files(&self.paths.p("/sys/block"), &disk.name);
+            if files.is_empty() {
+                crate::log!(
+                    "volume: {} has no queue/io_timeout; the kernel command line's nvme_core.io_timeout applies",
+                    disk.name
+                );
+            }
+            for t in files {
+                if let Err(e) = std::fs::write(&t, "4294967295") {
+                    crate::log!("volume: cannot set {}: {e} (continuing)", t.display());
+                }
             }
         }
         self.device = Some(path.clone());

@@ -145,6 +145,12 @@ impl EbsHooks for Disks {
             std::fs::write(dev.join("model"), "Amazon Elastic Block Store")
                 .map_err(|e| e.to_string())?;
             std::fs::create_dir_all(root.join("sys/block").join(&name).join("queue")).unwrap();
+            // As the kernel has it for a blk-mq NVMe namespace (EC2 Nitro).
+            std::fs::write(
+                root.join("sys/block").join(&name).join("queue/io_timeout"),
+                "30000\n",
+            )
+            .unwrap();
             std::fs::create_dir_all(root.join("dev")).unwrap();
             std::os::unix::fs::symlink(node, root.join("dev").join(&name))
                 .map_err(|e| e.to_string())?;
