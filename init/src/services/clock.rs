@@ -15,9 +15,9 @@ pub const CONF: &str = "/run/spotinit/chrony.conf";
 const CHRONY_UID: u32 = 100;
 const CHRONY_GID: u32 = 101;
 
-/// `host`, `host:port`, `[v6]` or `[v6]:port` -> a chrony `server` line.
-pub fn server_line(spec: &str) -> String {
-    let (host, port) = if let Some(rest) = spec.strip_prefix('[') {
+/// `host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port if given).
+fn split_server(spec: &str) -> (String, Option<String>) {
+    if let Some(rest) = spec.strip_prefix('[') {
         match rest.split_once(']') {
             Some((h, p)) => (h.to_string(), p.strip_prefix(':').map(str::to_string)),
             None => (rest.to_string(), None),
@@ -27,9 +27,88 @@ pub fn server_line(spec: &str) -> String {
             Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p.to_string())),
             _ => (spec.to_string(), None),
         }
-    };
+    }
+}
+
+/// A chrony `server` line for a `[time] servers` entry.
+pub fn server_line(spec: &str) -> String {
+    let (host, port) = split_server(spec);
     let port = port.map(|p| format!(" port {p}")).unwrap_or_default();
     format!("server {host}{port} iburst minpoll 4 maxpoll 4")
+}
+
+/// Seconds between 1900 (NTP) and 1970 (Unix).
+const NTP_UNIX_OFFSET: f64 = 2_208_988_800.0;
+
+fn ntp_now() -> [u8; 8] {
+    let d = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = (d.as_secs() as f64 + NTP_UNIX_OFFSET) as u32;
+    let frac = ((u64::from(d.subsec_nanos()) << 32) / 1_000_000_000) as u32;
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&secs.to_be_bytes());
+    b[4..].copy_from_slice(&frac.to_be_bytes());
+    b
+}
+
+fn ntp_seconds(b: &[u8]) -> f64 {
+    let secs = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as f64;
+    let frac = u32::from_be_bytes([b[4], b[5], b[6], b[7]]) as f64 / 4_294_967_296.0;
+    secs + frac - NTP_UNIX_OFFSET
+}
+
+/// One SNTP exchange (RFC 4330): how far our clock is from `server` (positive: we are behind),
+/// or None without a valid answer within `timeout`. Only a measurement: chronyd does the
+/// setting and the keeping.
+pub async fn offset_from(server: &str, timeout: Duration) -> Option<f64> {
+    let (host, port) = split_server(server);
+    let port: u16 = port.and_then(|p| p.parse().ok()).unwrap_or(123);
+    let addr = std::net::SocketAddr::new(host.parse().ok()?, port);
+    let bind = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let sock = tokio::net::UdpSocket::bind(bind).await.ok()?;
+    let mut req = [0u8; 48];
+    req[0] = (4 << 3) | 3; // version 4, client
+    let sent = ntp_now();
+    req[40..48].copy_from_slice(&sent);
+    let t1 = ntp_seconds(&sent);
+    sock.send_to(&req, addr).await.ok()?;
+    let mut buf = [0u8; 128];
+    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let t4 = ntp_seconds(&ntp_now());
+    let r = &buf[..n];
+    // A server answer to exactly our request, from a synchronised server.
+    if n < 48 || r[0] & 7 != 4 || !(1..16).contains(&r[1]) || r[24..32] != sent {
+        return None;
+    }
+    let (t2, t3) = (ntp_seconds(&r[32..40]), ntp_seconds(&r[40..48]));
+    Some(((t2 - t1) + (t3 - t4)) / 2.0)
+}
+
+/// The first answer among the servers, asked at once.
+async fn first_offset(servers: &[String]) -> Option<(String, f64)> {
+    let mut set = tokio::task::JoinSet::new();
+    for s in servers {
+        let s = s.clone();
+        set.spawn(async move {
+            offset_from(&s, Duration::from_secs(1))
+                .await
+                .map(|o| (s, o))
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some(found)) = r {
+            return Some(found);
+        }
+    }
+    None
 }
 
 /// chronyd's configuration: our servers; step the clock whenever it is more than a second off
@@ -70,8 +149,9 @@ pub fn chronyd(paths: &Paths) -> ServiceSpec {
     .stop_timeout(Duration::from_secs(3))
 }
 
-/// Starts chronyd and waits for its first synchronisation. Returns a line for the console:
-/// the step it made, or why it gave up (then the boot goes on: the clock may well be right).
+/// Starts chronyd, and when the clock is off (or no server answered a first query), waits for
+/// its first synchronisation. Returns a line for the console: how far off the clock was and
+/// the step made, or why it gave up (then the boot goes on: the clock may well be right).
 pub async fn sync<S: System + ?Sized>(
     sys: &S,
     paths: &Paths,
@@ -83,8 +163,24 @@ pub async fn sync<S: System + ?Sized>(
     std::os::unix::fs::chown(&dir, Some(CHRONY_UID), Some(CHRONY_GID))
         .map_err(|e| format!("chown {}: {e}", dir.display()))?;
     std::fs::write(paths.p(CONF), chrony_conf(cfg)).map_err(|e| format!("write {CONF}: {e}"))?;
+    // Ask the servers first: a clock already within chrony's step threshold needs no wait
+    // (chronyd then only keeps it right); a clock further off waits for chronyd's step.
+    let probed = first_offset(&cfg.servers).await;
     let (wall0, mono0) = (SystemTime::now(), Instant::now());
     supervisor.launch(chronyd(paths)).await?;
+    if let Some((server, offset)) = &probed {
+        if offset.abs() < 1.0 {
+            return Ok(format!(
+                "within {:.0} ms of {server}; chronyd keeps it so",
+                offset.abs() * 1000.0
+            ));
+        }
+        crate::log!(
+            "clock: {} {} {server}: waiting for chronyd to step it before any EC2 call",
+            human(Duration::from_secs_f64(offset.abs())),
+            if *offset > 0.0 { "behind" } else { "ahead of" }
+        );
+    }
     // waitsync: up to N tries 0.5 s apart, until synchronised with a correction under 1 s.
     let tries = (cfg.sync_timeout_secs * 2).max(1).to_string();
     let wait = CommandSpec::new("/usr/bin/chronyc")

@@ -172,12 +172,17 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                     }
                 })?;
                 crate::log!(
-                    "volume: filesystem {} in {}",
+                    "volume: filesystem {} in {}{}",
                     match verdict {
                         fs::Fsck::Clean => "clean",
                         fs::Fsck::Repaired => "repaired",
                     },
-                    human(start.elapsed())
+                    human(start.elapsed()),
+                    if info.needs_recovery {
+                        " (its journal was replayed)"
+                    } else {
+                        ""
+                    }
                 );
                 self.needs_full_check = false;
                 Ok(false)
