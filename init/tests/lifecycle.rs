@@ -304,3 +304,33 @@ async fn the_elastic_ip_follows_the_instance_from_its_dead_predecessor() {
     w.fidelity.deny("AssociateAddress");
     assert!(!lifecycle::associate_address(&*w.ec2, &alloc, &identity(&a)).await);
 }
+
+#[tokio::test]
+async fn imds_falls_back_to_the_second_endpoint_and_keeps_it() {
+    use spotinit::cloud::Metadata;
+    let mock = ImdsMock::start(
+        spotworld::imds::Identity::new("i-0dddddddddddddddd", "us-east-1a"),
+        Some("[volume]\nsize_gib = 5\n".into()),
+    )
+    .await
+    .unwrap();
+    // Where nothing listens: the stand-in for an IPv4 endpoint an IPv6-only subnet cannot reach.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let imds = Imds::with_endpoints(&[&closed, &mock.endpoint()]).unwrap();
+    assert_eq!(
+        imds.identity().await.unwrap().instance_id,
+        "i-0dddddddddddddddd"
+    );
+    assert_eq!(
+        imds.endpoint(),
+        mock.endpoint(),
+        "the answering endpoint is kept"
+    );
+    assert_eq!(
+        imds.user_data().await.unwrap().as_deref(),
+        Some("[volume]\nsize_gib = 5\n")
+    );
+}

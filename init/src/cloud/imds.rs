@@ -9,11 +9,16 @@ use std::time::Duration;
 
 /// The link-local endpoint every EC2 instance has.
 pub const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
+/// The same on IPv6 (Nitro instances in subnets with IPv6, and IPv6-only subnets).
+pub const DEFAULT_ENDPOINT_V6: &str = "http://[fd00:ec2::254]";
 
+/// IMDS. Without a configured endpoint it talks to the IPv4 address and, if that cannot be
+/// reached, the IPv6 one; whichever answered first is kept.
 #[derive(Clone, Debug)]
 pub struct Imds {
-    client: Client,
-    endpoint: String,
+    endpoints: Vec<(String, Client)>,
+    /// Index of the endpoint in use.
+    chosen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One HTTP client (one rustls stack, ring) for IMDS and EC2.
@@ -26,48 +31,91 @@ pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
         .build_https()
 }
 
+fn client_for(endpoint: &str) -> Result<Client, CloudError> {
+    let provider = ProviderConfig::empty()
+        .with_http_client(http_client())
+        .with_sleep_impl(super::ec2::TokioSleep);
+    Ok(Client::builder()
+        .configure(&provider)
+        .endpoint(endpoint)
+        .map_err(|e| CloudError {
+            call: "IMDS",
+            target: endpoint.into(),
+            kind: ErrorKind::Refused,
+            code: None,
+            message: format!("invalid IMDS endpoint: {e}"),
+        })?
+        .token_ttl(Duration::from_secs(6 * 3600))
+        .connect_timeout(Duration::from_secs(2))
+        .read_timeout(Duration::from_secs(5))
+        .max_attempts(4)
+        .build())
+}
+
 impl Imds {
     pub fn new(endpoint: Option<&str>) -> Result<Self, CloudError> {
-        let endpoint = endpoint.unwrap_or(DEFAULT_ENDPOINT).trim_end_matches('/');
-        let provider = ProviderConfig::empty()
-            .with_http_client(http_client())
-            .with_sleep_impl(super::ec2::TokioSleep);
-        let client = Client::builder()
-            .configure(&provider)
-            .endpoint(endpoint)
-            .map_err(|e| CloudError {
-                call: "IMDS",
-                target: endpoint.into(),
-                kind: ErrorKind::Refused,
-                code: None,
-                message: format!("invalid IMDS endpoint: {e}"),
-            })?
-            .token_ttl(Duration::from_secs(6 * 3600))
-            .connect_timeout(Duration::from_secs(2))
-            .read_timeout(Duration::from_secs(5))
-            .max_attempts(4)
-            .build();
+        match endpoint {
+            Some(e) => Self::with_endpoints(&[e]),
+            None => Self::with_endpoints(&[DEFAULT_ENDPOINT, DEFAULT_ENDPOINT_V6]),
+        }
+    }
+
+    /// Endpoints in order of preference.
+    pub fn with_endpoints(list: &[&str]) -> Result<Self, CloudError> {
+        let endpoints = list
+            .iter()
+            .map(|e| {
+                let e = e.trim_end_matches('/');
+                Ok((e.to_string(), client_for(e)?))
+            })
+            .collect::<Result<Vec<_>, CloudError>>()?;
         Ok(Imds {
-            client,
-            endpoint: endpoint.into(),
+            endpoints,
+            chosen: Default::default(),
         })
     }
 
+    fn current(&self) -> &(String, Client) {
+        let i = self.chosen.load(std::sync::atomic::Ordering::Relaxed);
+        &self.endpoints[i.min(self.endpoints.len() - 1)]
+    }
+
+    /// The client of the endpoint in use (for the instance-role credentials).
     pub fn client(&self) -> &Client {
-        &self.client
+        &self.current().1
     }
 
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.current().0
     }
 
-    /// GET a path; a 404 is `None`.
+    /// GET a path; a 404 is `None`. An endpoint that cannot be reached at all hands over to
+    /// the next one (IPv4 -> IPv6), which then stays in use.
     pub async fn get_optional(&self, path: &str) -> Result<Option<String>, CloudError> {
-        match self.client.get(path).await {
-            Ok(v) => Ok(Some(v.as_ref().to_string())),
-            Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => Ok(None),
-            Err(e) => Err(imds_error(path, e)),
+        let start = self.chosen.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = None;
+        for i in start..self.endpoints.len() {
+            let (endpoint, client) = &self.endpoints[i];
+            match client.get(path).await {
+                Ok(v) => {
+                    if i != start {
+                        self.chosen.store(i, std::sync::atomic::Ordering::Relaxed);
+                        crate::log!(
+                            "IMDS: {} cannot be reached; using {endpoint}",
+                            self.endpoints[start].0
+                        );
+                    }
+                    return Ok(Some(v.as_ref().to_string()));
+                }
+                Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => {
+                    return Ok(None)
+                }
+                // An answer, even an error, means this endpoint is the one.
+                Err(e @ ImdsError::ErrorResponse(_)) => return Err(imds_error(path, e)),
+                Err(e) => last = Some(imds_error(path, e)),
+            }
         }
+        Err(last.expect("at least one endpoint"))
     }
 
     pub async fn get(&self, path: &str) -> Result<String, CloudError> {
