@@ -360,19 +360,20 @@ pub async fn boot<S: System, P: Platform>(
         .await?;
         phase("dockerd", async {
             docker::write_daemon_json(paths, &config.docker).map_err(|e| e.to_string())?;
+            // Before dockerd, which starts the containers: they never run without the rules.
+            if config.docker.block_imds && pid1 {
+                match docker::block_imds(sys, early.imds_endpoint.as_deref()).await {
+                    Ok(r) => crate::log!(
+                        "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
+                    ),
+                    Err(e) => crate::log!(
+                        "docker: WARNING: could not keep containers away from IMDS: {e}; they may reach the instance role's credentials"
+                    ),
+                }
+            }
             m.supervisor
                 .launch(docker::dockerd(paths, &config.docker))
                 .await?;
-        if config.docker.block_imds && pid1 {
-            match docker::block_imds(sys, early.imds_endpoint.as_deref()).await {
-                Ok(r) => crate::log!(
-                    "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
-                ),
-                Err(e) => crate::log!(
-                    "docker: WARNING: could not keep containers away from IMDS: {e}; they may reach the instance role's credentials"
-                ),
-            }
-        }
             docker::wait_for_ping(
                 &paths.p(docker::DOCKER_SOCKET),
                 Duration::from_secs(config.docker.start_timeout_secs),

@@ -48,6 +48,8 @@ async fn boot_runs_the_phases_in_order_and_docker_starts_last() {
         "spawn busybox",
         "hostname ip-10-0-2-15",
         "spawn containerd",
+        // The IMDS rules go in before dockerd starts any container.
+        "spawn iptables",
         "spawn dockerd",
     ];
     let idx: Vec<usize> = order.iter().map(|w| index_of(&b, w)).collect();

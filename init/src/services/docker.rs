@@ -132,12 +132,27 @@ pub fn imds_block_rules(imds_endpoint: Option<&str>) -> Vec<CommandSpec> {
     rules
 }
 
-/// Installs [`imds_block_rules`]. The IPv6 rule may fail where Docker has no IPv6 chain; the
-/// IPv4 ones must not.
+/// `iptables -w -N DOCKER-USER`: the chain Docker sends forwarded traffic through first. dockerd
+/// makes it at start if it is missing and never deletes or changes rules already in it, so
+/// spotinit makes it first and puts its rules in before dockerd starts — before dockerd restarts
+/// the `--restart always` containers.
+pub fn user_chain(tool: &str) -> CommandSpec {
+    CommandSpec::new(format!("/usr/sbin/{tool}"))
+        .args(["-w", "-N", "DOCKER-USER"])
+        .output(Output::Null)
+}
+
+/// Installs [`imds_block_rules`] in the DOCKER-USER chain, made here if it does not exist yet
+/// (call it before dockerd starts). The IPv6 rule may fail where the kernel has no IPv6
+/// filtering; the IPv4 ones must not.
 pub async fn block_imds<S: System + ?Sized>(
     sys: &S,
     imds_endpoint: Option<&str>,
 ) -> Result<String, String> {
+    for tool in ["iptables", "ip6tables"] {
+        // Fails when the chain exists already: fine.
+        let _ = crate::sys::run(sys, &user_chain(tool)).await;
+    }
     let mut done = Vec::new();
     for rule in imds_block_rules(imds_endpoint) {
         let dest = rule.args[4].clone();
