@@ -307,6 +307,48 @@ async fn a_running_holder_keeps_the_volume() {
     assert_eq!(v[0].attachments[0].instance_id, a.id, "A still holds it");
 }
 
+/// A shutdown can interrupt the volume phase right after AttachVolume (a spot notice during the
+/// boot). EC2 refuses to detach an attachment still `attaching` (IncorrectState); the release
+/// waits for it to settle and detaches it, instead of leaving it attached behind the drain.
+#[tokio::test]
+async fn a_release_while_the_attachment_is_in_progress_still_detaches() {
+    let w = World::start(Settings {
+        attach_latency: Duration::from_secs(3),
+        ..fast()
+    })
+    .await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let attach_sent = async {
+        while !w
+            .fidelity
+            .requests()
+            .iter()
+            .any(|r| r.action == "AttachVolume" && r.status == 200)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        r = a.volume.acquire() => panic!("the attachment should still be in progress: {r:?}"),
+        () = attach_sent => {}
+    }
+    let id = w.volumes().await[0].id.clone();
+    let v = w.fidelity.client().describe_volume(&id).await.unwrap();
+    assert_eq!(v.attachments[0].state, "attaching", "{v:?}");
+    a.volume.release().await.unwrap();
+    let v = w.fidelity.client().describe_volume(&id).await.unwrap();
+    assert_eq!(v.state, "available", "{v:?}");
+    assert!(v.attachments.is_empty(), "{v:?}");
+    let detaches: Vec<_> = w
+        .fidelity
+        .requests()
+        .into_iter()
+        .filter(|r| r.action == "DetachVolume" && r.status == 200)
+        .collect();
+    assert_eq!(detaches.len(), 1, "{detaches:?}");
+    assert_eq!(detaches[0].param("InstanceId"), Some(a.id.as_str()));
+}
+
 #[tokio::test]
 async fn a_terminated_holder_is_waited_out_then_its_volume_taken() {
     let w = World::start(fast()).await;

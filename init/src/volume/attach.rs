@@ -261,23 +261,56 @@ pub async fn detach<E: Ec2>(
     deadline: Duration,
 ) -> Result<Duration, VolumeError> {
     let start = Instant::now();
-    match api("DetachVolume", || {
-        ec2.detach_volume(volume_id, &me.instance_id, false)
-    })
-    .await
-    {
-        Ok(_) => {}
-        Err(e)
-            if e.kind == ErrorKind::IncorrectState
-                || e.code.as_deref() == Some("InvalidAttachment.NotFound") =>
+    let mut said = false;
+    loop {
+        match api("DetachVolume", || {
+            ec2.detach_volume(volume_id, &me.instance_id, false)
+        })
+        .await
         {
-            return Ok(start.elapsed());
-        }
-        Err(err) => {
-            return Err(VolumeError::Api {
-                step: Step::Detach,
-                err,
-            })
+            Ok(_) => break,
+            Err(e) if e.code.as_deref() == Some("InvalidAttachment.NotFound") => {
+                return Ok(start.elapsed());
+            }
+            // Not attached — or still attaching (a shutdown that interrupted the boot right
+            // after AttachVolume): EC2 refuses to detach until the attachment settles, and then
+            // it would stay attached to us if we took the refusal for "not attached".
+            Err(e) if e.kind == ErrorKind::IncorrectState => {
+                let v = describe(ec2, volume_id, Step::Detach).await?;
+                let ours = v
+                    .attachments
+                    .iter()
+                    .find(|a| a.instance_id == me.instance_id && a.state != "detached");
+                match ours.map(|a| a.state.as_str()) {
+                    None => return Ok(start.elapsed()),
+                    Some("detaching") => break,
+                    Some(state) => {
+                        if !said {
+                            crate::log!(
+                                "volume: {volume_id} is still {state} to this instance; detaching it once EC2 is done"
+                            );
+                            said = true;
+                        }
+                        if start.elapsed() > deadline {
+                            return Err(VolumeError::Timeout {
+                                step: Step::Detach,
+                                volume: volume_id.into(),
+                                detail: format!(
+                                    "still {state} after {}, so it cannot be detached",
+                                    human(deadline)
+                                ),
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            Err(err) => {
+                return Err(VolumeError::Api {
+                    step: Step::Detach,
+                    err,
+                })
+            }
         }
     }
     loop {
