@@ -262,7 +262,7 @@ pub async fn detach<E: Ec2>(
 ) -> Result<Duration, VolumeError> {
     let start = Instant::now();
     let mut said = false;
-    loop {
+    'detach: loop {
         match api("DetachVolume", || {
             ec2.detach_volume(volume_id, &me.instance_id, false)
         })
@@ -275,7 +275,7 @@ pub async fn detach<E: Ec2>(
             // Not attached — or still attaching (a shutdown that interrupted the boot right
             // after AttachVolume): EC2 refuses to detach until the attachment settles, and then
             // it would stay attached to us if we took the refusal for "not attached".
-            Err(e) if e.kind == ErrorKind::IncorrectState => {
+            Err(e) if e.kind == ErrorKind::IncorrectState => loop {
                 let v = describe(ec2, volume_id, Step::Detach).await?;
                 let ours = v
                     .attachments
@@ -283,7 +283,8 @@ pub async fn detach<E: Ec2>(
                     .find(|a| a.instance_id == me.instance_id && a.state != "detached");
                 match ours.map(|a| a.state.as_str()) {
                     None => return Ok(start.elapsed()),
-                    Some("detaching") => break,
+                    Some("detaching") => break 'detach,
+                    Some("attached") => continue 'detach,
                     Some(state) => {
                         if !said {
                             crate::log!(
@@ -304,7 +305,7 @@ pub async fn detach<E: Ec2>(
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-            }
+            },
             Err(err) => {
                 return Err(VolumeError::Api {
                     step: Step::Detach,
