@@ -2,7 +2,8 @@
 # tests/setup.sh: installs what building the image, the demo and the tests need on Debian 12
 # (bookworm), as root. Idempotent: a second run changes nothing and takes seconds.
 #   - bookworm-backports: mkosi 24, QEMU 10, systemd-boot/ukify 254 (bookworm's are too old)
-#   - image tools, OVMF, busybox-static (the test container), e2fsprogs, shellcheck
+#   - image tools, OVMF, busybox-static (the test container), e2fsprogs, shellcheck,
+#     openssh-client (the SSH scenario logs in with ssh and makes its key with ssh-keygen)
 #   - Rust (rustup, stable) if cargo is missing or older than the workspace needs
 #   - moto from PyPI, in a virtualenv under build/venv (put on PATH by the callers)
 set -euo pipefail
@@ -30,7 +31,7 @@ fi
 need_backports=(mkosi qemu-system-x86 qemu-utils systemd-boot systemd-boot-efi python3-pefile)
 need=(ovmf erofs-utils kmod mtools dosfstools zstd cpio busybox-static e2fsprogs util-linux
       shellcheck curl ca-certificates gcc libc6-dev pkg-config python3-venv python3-pip
-      debian-archive-keyring iproute2)
+      debian-archive-keyring iproute2 openssh-client)
 missing=()
 for p in "${need_backports[@]}" "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

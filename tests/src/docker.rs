@@ -480,12 +480,28 @@ pub fn counter_container() -> ContainerSpec {
     }
 }
 
-/// Imports the counter image, creates and starts the container. Returns the container id.
-pub async fn deploy_counter(docker: &Docker) -> Result<String> {
+/// One more counter, `--restart always` like the first: its own name and its own Docker volume
+/// (its count), published on `publish` (a guest port) or not at all.
+pub fn counter_container_named(name: &str, volume: &str, publish: Option<u16>) -> ContainerSpec {
+    ContainerSpec {
+        name: name.into(),
+        volume: Some((volume.into(), "/data".into())),
+        publish: publish.map(|p| (p, 80)),
+        ..counter_container()
+    }
+}
+
+/// Imports the counter image (`docker import` of [`counter_image_tar`]).
+pub async fn import_counter_image(docker: &Docker) -> Result<String> {
     let tar = counter_image_tar()?;
     docker
         .import_image(tar, COUNTER_IMAGE.0, COUNTER_IMAGE.1)
-        .await?;
+        .await
+}
+
+/// Imports the counter image, creates and starts the container. Returns the container id.
+pub async fn deploy_counter(docker: &Docker) -> Result<String> {
+    import_counter_image(docker).await?;
     let id = docker.create_container(&counter_container()).await?;
     docker.start(&id).await?;
     Ok(id)
