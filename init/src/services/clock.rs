@@ -193,8 +193,10 @@ pub async fn sync<S: System + ?Sized>(
         .map(|d| d.as_secs_f64())
         .unwrap_or_else(|e| -e.duration().as_secs_f64());
     let step = wall - mono0.elapsed().as_secs_f64();
-    let step_text = if step.abs() < 0.5 {
+    let step_text = if step.abs() < 0.5 && synced {
         "no step needed".to_string()
+    } else if step.abs() < 0.5 {
+        "the clock was not stepped".to_string()
     } else {
         format!(
             "stepped {} {}",
