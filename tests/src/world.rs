@@ -315,6 +315,9 @@ impl World {
         if let Some(c) = imds.credentials() {
             self.fidelity.register_caller(&c.access_key_id, &id);
         }
+        for (name, key) in &spec.public_keys {
+            imds.set_public_key(name, key);
+        }
 
         let work_dir = self.dir.join(format!("{}-{id}", spec.name));
         let mut vm_spec = if spec.uefi {
@@ -559,6 +562,8 @@ pub struct InstanceSpec {
     pub cpus: u32,
     /// Guest ports forwarded to free host ports (default: the Docker API and the service).
     pub forward_ports: Vec<u16>,
+    /// The EC2 key pair's public key(s) IMDS serves from the start (`public-keys/`).
+    pub public_keys: Vec<(String, String)>,
 }
 
 impl InstanceSpec {
@@ -574,6 +579,7 @@ impl InstanceSpec {
             memory_mib: crate::qemu::DEFAULT_MEMORY_MIB,
             cpus: crate::qemu::DEFAULT_CPUS,
             forward_ports: vec![DOCKER_API_PORT, SERVICE_PORT],
+            public_keys: Vec::new(),
         }
     }
     pub fn user_data(mut self, text: impl Into<String>) -> Self {
@@ -594,6 +600,17 @@ impl InstanceSpec {
     }
     pub fn rtc_base(mut self, base: &str) -> Self {
         self.rtc_base = Some(base.to_owned());
+        self
+    }
+    /// Launched with the EC2 key pair `name` (its public key served by IMDS before the boot).
+    pub fn key_pair(mut self, name: &str, public_key: &str) -> Self {
+        self.public_keys
+            .push((name.to_owned(), public_key.trim().to_owned()));
+        self
+    }
+    /// Also forward `guest_port` to a free host port.
+    pub fn forward(mut self, guest_port: u16) -> Self {
+        self.forward_ports.push(guest_port);
         self
     }
 }
