@@ -182,8 +182,20 @@ fn notify_ready() {
     }
 }
 
+/// One malloc arena for the whole process. The runtime is single-threaded, but tokio's blocking
+/// pool (DNS, files) would get an arena per thread from glibc, each holding partly used pages;
+/// PID 1 allocates little and never in a hurry, so one arena keeps its memory small and steady.
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; called first thing in main's thread,
+    // before the runtime or any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// PID 1. Never returns: it ends in power-off, reboot, or waiting.
 pub fn pid1() -> ! {
+    one_malloc_arena();
     install_panic_hook();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -272,6 +284,7 @@ fn install_panic_hook() {
 
 /// Under another init. Exits after the drain.
 pub fn service() -> i32 {
+    one_malloc_arena();
     install_panic_hook();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

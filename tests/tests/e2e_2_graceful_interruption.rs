@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect, never, report, BOOT, STEP};
+use common::{expect, expect_clean_takeover, report, BOOT, STEP};
 use spotworld::docker::{deploy_counter, Counter};
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
@@ -103,19 +103,7 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
         .launch(InstanceSpec::new("b", "us-east-1a").user_data(ud.to_toml()))
         .await
         .unwrap();
-    let mut c = b.console();
-    expect(&mut c, &format!("volume: found {volume_id}"), BOOT).await;
-    expect(&mut c, "volume: filesystem clean", STEP).await;
-    let record = expect(&mut c, "volume: record: boot 2 of this state", STEP).await;
-    assert!(
-        record
-            .text
-            .contains(&format!("last on {} (clean shutdown)", a.id)),
-        "{}",
-        record.text
-    );
-    b.wait_ready(BOOT).await.unwrap();
-    never(&b, "creating ext4");
+    expect_clean_takeover(&b, &volume_id, &a.id).await;
     let counter = Counter {
         port: b.service_port().unwrap(),
     };

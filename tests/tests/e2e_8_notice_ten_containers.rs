@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect, never, report, BOOT, STEP};
+use common::{expect, expect_clean_takeover, never, report, BOOT, STEP};
 use spotworld::docker::{counter_container_named, import_counter_image, Counter};
 use spotworld::world::{
     parse_human, InstanceSpec, SimInstance, UserData, World, WorldSettings, DOCKER_API_PORT,
@@ -140,19 +140,7 @@ async fn a_notice_with_ten_running_containers_detaches_in_time_and_loses_nothing
 
     // B: nobody deploys anything; Docker brings the ten back by their restart policy.
     let b = world.launch(spec("b", &ud)).await.unwrap();
-    let mut c = b.console();
-    expect(&mut c, &format!("volume: found {volume_id}"), BOOT).await;
-    expect(&mut c, "volume: filesystem clean", STEP).await;
-    let record = expect(&mut c, "volume: record: boot 2 of this state", STEP).await;
-    assert!(
-        record
-            .text
-            .contains(&format!("last on {} (clean shutdown)", a.id)),
-        "{}",
-        record.text
-    );
-    b.wait_ready(BOOT).await.unwrap();
-    never(&b, "creating ext4");
+    expect_clean_takeover(&b, &volume_id, &a.id).await;
     let docker = b.docker().unwrap();
     docker.wait_ping(STEP).await.unwrap();
     for k in 1..=CONTAINERS {

@@ -527,6 +527,16 @@ fn after_spotinit(ready: &ConsoleLine) -> String {
     format!("ready {since} after power-on")
 }
 
+/// spotinit's resident memory once Docker is up, from the `ready` line ("its memory N kB").
+fn spotinit_memory(ready: &ConsoleLine) -> String {
+    ready
+        .text
+        .split("its memory ")
+        .nth(1)
+        .map(|s| s.trim_end_matches(')').to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
 /// The summary table (and the benchmark); the exit status.
 fn finish(
     d: &Demo,
@@ -589,10 +599,11 @@ fn benchmark(instances: &[SimInstance], marks: &Marks) {
     for i in instances {
         match find(i, "spotinit: ready in") {
             Some(r) => println!(
-                "    {}  QEMU start → ready {:>6.1} s   (spotinit: {}){}",
+                "    {}  QEMU start → ready {:>6.1} s   (spotinit: {}; its resident memory {}){}",
                 i.name,
                 r.at.as_secs_f64(),
                 after_spotinit(&r),
+                spotinit_memory(&r),
                 if i.name == "A" { "  *" } else { "" }
             ),
             None => println!("    {}  no ready line", i.name),

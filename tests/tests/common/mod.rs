@@ -63,3 +63,23 @@ pub fn line(i: &SimInstance, needle: &str) -> ConsoleLine {
 pub fn report(what: &str, since: Instant) {
     println!("{what}: {:.1} s", since.elapsed().as_secs_f64());
 }
+
+/// A successor's boot on the volume its predecessor drained: found, the filesystem clean, the
+/// record naming the predecessor's clean shutdown, ready, and nothing formatted.
+pub async fn expect_clean_takeover(successor: &SimInstance, volume_id: &str, predecessor: &str) {
+    let mut c = successor.console();
+    expect(&mut c, &format!("volume: found {volume_id}"), BOOT).await;
+    expect(&mut c, "volume: filesystem clean", STEP).await;
+    let record = expect(&mut c, "volume: record: boot 2 of this state", STEP).await;
+    assert!(
+        record
+            .text
+            .contains(&format!("last on {predecessor} (clean shutdown)")),
+        "{}",
+        record.text
+    );
+    if let Err(e) = successor.wait_ready(BOOT).await {
+        panic!("{e}");
+    }
+    never(successor, "creating ext4");
+}
