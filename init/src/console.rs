@@ -38,6 +38,15 @@ macro_rules! log {
     ($($arg:tt)*) => { $crate::console::line(&format!($($arg)*)) };
 }
 
+/// `1 container`, `10 containers`.
+pub fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 /// A duration as people read it on a console: `850 ms`, `4.21 s`, `3 min 05 s`.
 pub fn human(d: Duration) -> String {
     let ms = d.as_millis();
@@ -53,6 +62,13 @@ pub fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts() {
+        assert_eq!(count(0, "container"), "0 containers");
+        assert_eq!(count(1, "container"), "1 container");
+        assert_eq!(count(30, "container"), "30 containers");
+    }
 
     #[test]
     fn human_durations() {

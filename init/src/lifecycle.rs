@@ -126,8 +126,8 @@ pub async fn stop_containers_before<S: System>(
         }
     };
     crate::log!(
-        "shutdown: stopping {} containers with a {} stop timeout ({} left)",
-        ids.len(),
+        "shutdown: stopping {} with a {} stop timeout ({} left)",
+        crate::console::count(ids.len(), "container"),
         human(budget),
         human(left)
     );

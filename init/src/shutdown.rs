@@ -94,7 +94,11 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
         if let (Some(d), Some(cfg)) = (deadline, &st.config) {
             let t = Instant::now();
             let n = crate::lifecycle::stop_containers_before(m, cfg, d).await;
-            step_done(&format!("{n} containers stopped"), t, deadline);
+            step_done(
+                &format!("{} stopped", crate::console::count(n, "container")),
+                t,
+                deadline,
+            );
         }
         for name in ["dockerd", "containerd"] {
             let t = Instant::now();

@@ -69,7 +69,7 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
     a.post_spot_notice(Duration::from_secs(120));
     expect(&mut c, "spot: interruption notice: terminate", STEP).await;
     expect(&mut c, "shutting down: spot interruption notice", STEP).await;
-    let stopped = expect(&mut c, "shutdown: 1 containers stopped", STEP).await;
+    let stopped = expect(&mut c, "shutdown: 1 container stopped", STEP).await;
     expect(&mut c, "dockerd stopped", STEP).await;
     expect(&mut c, "containerd stopped", STEP).await;
     expect(&mut c, "volume: unmounted in", STEP).await;

@@ -622,7 +622,7 @@ fn benchmark(instances: &[SimInstance], marks: &Marks) {
             let seen = find(i, "spotinit: spot: interruption notice")
                 .map(|l| format!("{:.1} s", (i.instant_of(&l) - *at).as_secs_f64()))
                 .unwrap_or("?".into());
-            let stopped = find(i, "containers stopped in")
+            let stopped = find(i, "shutdown: 1 container stopped in")
                 .map(|l| format!("{:.1} s", (i.instant_of(&l) - *at).as_secs_f64()))
                 .unwrap_or("?".into());
             println!(

@@ -87,7 +87,14 @@ async fn one_run(world: &World, n: usize) -> Outcome<Figures> {
         STEP,
     )
     .await?;
-    let stopped = expect(&i, &mut c, "containers stopped in", STEP).await?;
+    let plural = if n == 1 { "" } else { "s" };
+    let stopped = expect(
+        &i,
+        &mut c,
+        &format!("{n} container{plural} stopped in"),
+        STEP,
+    )
+    .await?;
     let detached = expect(
         &i,
         &mut c,
