@@ -10,8 +10,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{expect, expect_clean_takeover, report, BOOT, STEP};
-use spotworld::docker::{deploy_counter, Counter};
+use common::{expect, expect_clean_takeover, first_instance_with_counter, report, STEP};
+use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
@@ -20,22 +20,10 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
     let world = World::start(WorldSettings::new("e2e-2-graceful"))
         .await
         .unwrap();
-    let a = world
-        .launch(InstanceSpec::new("a", "us-east-1a").user_data(UserData::new("e2e-2").to_toml()))
-        .await
-        .unwrap();
-    a.wait_ready(BOOT).await.unwrap();
-    let docker = a.docker().unwrap();
-    docker.wait_ping(STEP).await.unwrap();
-    deploy_counter(&docker).await.unwrap();
-    let counter = Counter {
-        port: a.service_port().unwrap(),
-    };
-    counter.wait_value(STEP).await.unwrap();
+    let (a, counter, volume_id) = first_instance_with_counter(&world, "e2e-2").await;
     for want in 1..=3 {
         assert_eq!(counter.increment().await.unwrap(), want);
     }
-    let volume_id = world.volumes().await.unwrap()[0].id.clone();
     report("a: ready, counter at 3", t0);
 
     // A rebalance recommendation often comes first: spotinit snapshots the volume (the copy is

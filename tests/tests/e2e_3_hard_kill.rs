@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{expect, never, report, BOOT, STEP};
-use spotworld::docker::{deploy_counter, Counter};
+use common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
+use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
@@ -22,19 +22,7 @@ async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_writ
         .await
         .unwrap();
     let release = world.fidelity().settings().release_after_termination;
-    let a = world
-        .launch(InstanceSpec::new("a", "us-east-1a").user_data(UserData::new("e2e-3").to_toml()))
-        .await
-        .unwrap();
-    a.wait_ready(BOOT).await.unwrap();
-    let docker = a.docker().unwrap();
-    docker.wait_ping(STEP).await.unwrap();
-    deploy_counter(&docker).await.unwrap();
-    let counter = Counter {
-        port: a.service_port().unwrap(),
-    };
-    counter.wait_value(STEP).await.unwrap();
-    let volume_id = world.volumes().await.unwrap()[0].id.clone();
+    let (a, counter, volume_id) = first_instance_with_counter(&world, "e2e-3").await;
     report("a: ready, counter deployed", t0);
 
     // Increment without pause; remember the last value the service acknowledged.

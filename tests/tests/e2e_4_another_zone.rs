@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Instant;
 
-use common::{expect, never, report, BOOT, STEP};
-use spotworld::docker::{deploy_counter, Counter};
+use common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
+use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
@@ -19,22 +19,10 @@ async fn the_volume_follows_the_instance_into_another_zone_through_a_snapshot() 
     let world = World::start(WorldSettings::new("e2e-4-another-zone"))
         .await
         .unwrap();
-    let a = world
-        .launch(InstanceSpec::new("a", "us-east-1a").user_data(UserData::new("e2e-4").to_toml()))
-        .await
-        .unwrap();
-    a.wait_ready(BOOT).await.unwrap();
-    let docker = a.docker().unwrap();
-    docker.wait_ping(STEP).await.unwrap();
-    deploy_counter(&docker).await.unwrap();
-    let counter = Counter {
-        port: a.service_port().unwrap(),
-    };
-    counter.wait_value(STEP).await.unwrap();
+    let (a, counter, old) = first_instance_with_counter(&world, "e2e-4").await;
     for want in 1..=3 {
         assert_eq!(counter.increment().await.unwrap(), want);
     }
-    let old = world.volumes().await.unwrap()[0].id.clone();
     report("a: ready in us-east-1a, counter at 3", t0);
 
     // Stopped through the power button this time (EC2 stop/terminate): drained, powered off.

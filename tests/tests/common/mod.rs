@@ -11,8 +11,9 @@
 
 use std::time::{Duration, Instant};
 
+use spotworld::docker::{deploy_counter, Counter};
 use spotworld::qemu::{ConsoleCursor, ConsoleLine};
-use spotworld::world::SimInstance;
+use spotworld::world::{InstanceSpec, SimInstance, UserData, World};
 
 /// From QEMU's start to `spotinit: ready` (about 20 s alone; much more with two VMs booting).
 pub const BOOT: Duration = Duration::from_secs(300);
@@ -82,4 +83,29 @@ pub async fn expect_clean_takeover(successor: &SimInstance, volume_id: &str, pre
         panic!("{e}");
     }
     never(successor, "creating ext4");
+}
+
+/// The usual first instance: launched in us-east-1a on the volume named `volume_name` (created
+/// on this first boot), ready, running the counter service (at 0). Returns the instance, the
+/// counter and the volume's id.
+pub async fn first_instance_with_counter(
+    world: &World,
+    volume_name: &str,
+) -> (SimInstance, Counter, String) {
+    let a = world
+        .launch(
+            InstanceSpec::new("a", "us-east-1a").user_data(UserData::new(volume_name).to_toml()),
+        )
+        .await
+        .unwrap();
+    a.wait_ready(BOOT).await.unwrap();
+    let docker = a.docker().unwrap();
+    docker.wait_ping(STEP).await.unwrap();
+    deploy_counter(&docker).await.unwrap();
+    let counter = Counter {
+        port: a.service_port().unwrap(),
+    };
+    assert_eq!(counter.wait_value(STEP).await.unwrap(), 0);
+    let volume_id = world.volumes().await.unwrap()[0].id.clone();
+    (a, counter, volume_id)
 }
