@@ -197,22 +197,9 @@ async fn pruning_keeps_the_newest_and_never_deletes_a_snapshot_spotinit_did_not_
                 ("spotinit:volume", "vol-0other"),
             ],
         ] {
-            let mut p = vec![("VolumeId".to_string(), vol.clone())];
-            if !tags.is_empty() {
-                p.push(("TagSpecification.1.ResourceType".into(), "snapshot".into()));
-                for (i, (k, v)) in tags.iter().enumerate() {
-                    p.push((
-                        format!("TagSpecification.1.Tag.{}.Key", i + 1),
-                        k.to_string(),
-                    ));
-                    p.push((
-                        format!("TagSpecification.1.Tag.{}.Value", i + 1),
-                        v.to_string(),
-                    ));
-                }
-            }
-            let pr: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            let xml = api.call("CreateSnapshot", &pr).await.unwrap();
+            let mut params = spotworld::query::Params::from_pairs([("VolumeId", vol.as_str())]);
+            params.push_tag_specification("snapshot", &tags);
+            let xml = api.call_with("CreateSnapshot", params).await.unwrap();
             ids.push(spotworld::moto::root_text(&xml, "snapshotId").unwrap());
         }
         ids

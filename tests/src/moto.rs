@@ -383,9 +383,15 @@ impl Ec2Client {
 
     /// Calls `action` with `params` (Version is added); the XML answer, or the EC2 error.
     pub async fn call(&self, action: &str, params: &[(&str, &str)]) -> Result<String, CallError> {
+        self.call_with(action, Params::from_pairs(params.iter().copied()))
+            .await
+    }
+
+    /// Calls `action` with `params` built beforehand (Version is added).
+    pub async fn call_with(&self, action: &str, params: Params) -> Result<String, CallError> {
         let mut p = Params::from_pairs([("Action", action), ("Version", EC2_API_VERSION)]);
-        for (k, v) in params {
-            p.push(*k, *v);
+        for (k, v) in params.into_pairs() {
+            p.push(k, v);
         }
         self.call_params(&p).await
     }

@@ -110,6 +110,25 @@ impl Params {
         self.0.push((key.into(), value.into()));
     }
 
+    /// Appends the next `TagSpecification.N` (what [`Params::tag_specifications`] reads back);
+    /// nothing when `tags` is empty.
+    pub fn push_tag_specification(&mut self, resource_type: &str, tags: &[(&str, &str)]) {
+        if tags.is_empty() {
+            return;
+        }
+        let n = self
+            .member_indexes("TagSpecification")
+            .last()
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        self.push(format!("TagSpecification.{n}.ResourceType"), resource_type);
+        for (m, (k, v)) in tags.iter().enumerate() {
+            self.push(format!("TagSpecification.{n}.Tag.{}.Key", m + 1), *k);
+            self.push(format!("TagSpecification.{n}.Tag.{}.Value", m + 1), *v);
+        }
+    }
+
     /// Replaces every value of `key` by one `value` (appended if absent).
     pub fn set(&mut self, key: &str, value: impl Into<String>) {
         self.remove(key);
@@ -718,6 +737,31 @@ mod tests {
         let p =
             Params::parse(b"VolumeId.2=vol-b&VolumeId.10=vol-c&VolumeId.1=vol-a&VolumeIdX.1=no");
         assert_eq!(p.list("VolumeId"), vec!["vol-a", "vol-b", "vol-c"]);
+    }
+
+    #[test]
+    fn pushed_tag_specifications_read_back() {
+        let mut p = Params::from_pairs([("VolumeId", "vol-1")]);
+        p.push_tag_specification("snapshot", &[]);
+        p.push_tag_specification("volume", &[("Name", "state"), ("owner", "me")]);
+        p.push_tag_specification("snapshot", &[("spotinit:purpose", "backup")]);
+        let p = Params::parse(p.encode().as_bytes());
+        assert_eq!(
+            p.tag_specifications(),
+            vec![
+                TagSpecification {
+                    resource_type: "volume".into(),
+                    tags: vec![
+                        ("Name".into(), "state".into()),
+                        ("owner".into(), "me".into())
+                    ],
+                },
+                TagSpecification {
+                    resource_type: "snapshot".into(),
+                    tags: vec![("spotinit:purpose".into(), "backup".into())],
+                },
+            ]
+        );
     }
 
     #[test]

@@ -56,6 +56,7 @@ use crate::imds::ImdsMock;
 use crate::moto::{MotoServer, Volume};
 use crate::ntp::NtpServer;
 use crate::qemu::{ConsoleCursor, ConsoleLine, Error, Result, Vm, VmSpec};
+use crate::query::Params;
 
 /// The guest port dockerd listens on (the user data's `docker.daemon.hosts`).
 pub const DOCKER_API_PORT: u16 = 2375;
@@ -457,26 +458,16 @@ impl World {
         size_gib: u32,
         tags: &[(&str, &str)],
     ) -> Result<String> {
-        let mut p: Vec<(String, String)> = vec![
-            ("AvailabilityZone".into(), zone.into()),
-            ("Size".into(), size_gib.to_string()),
-            ("VolumeType".into(), "gp3".into()),
-            ("TagSpecification.1.ResourceType".into(), "volume".into()),
-        ];
-        for (i, (k, v)) in tags.iter().enumerate() {
-            p.push((
-                format!("TagSpecification.1.Tag.{}.Key", i + 1),
-                k.to_string(),
-            ));
-            p.push((
-                format!("TagSpecification.1.Tag.{}.Value", i + 1),
-                v.to_string(),
-            ));
-        }
-        let params: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let size = size_gib.to_string();
+        let mut params = Params::from_pairs([
+            ("AvailabilityZone", zone),
+            ("Size", &size),
+            ("VolumeType", "gp3"),
+        ]);
+        params.push_tag_specification("volume", tags);
         let api = self.fidelity.client();
         let xml = api
-            .call("CreateVolume", &params)
+            .call_with("CreateVolume", params)
             .await
             .map_err(|e| Error::new(format!("CreateVolume in {zone}: {e}")))?;
         let id = crate::moto::root_text(&xml, "volumeId")

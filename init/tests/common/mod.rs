@@ -326,23 +326,10 @@ pub async fn create_tagged(
     zone: &str,
     tags: &[(&str, &str)],
 ) -> String {
-    let mut p: Vec<(String, String)> = vec![
-        ("AvailabilityZone".into(), zone.into()),
-        ("Size".into(), "1".into()),
-        ("TagSpecification.1.ResourceType".into(), "volume".into()),
-    ];
-    for (i, (k, v)) in tags.iter().enumerate() {
-        p.push((
-            format!("TagSpecification.1.Tag.{}.Key", i + 1),
-            k.to_string(),
-        ));
-        p.push((
-            format!("TagSpecification.1.Tag.{}.Value", i + 1),
-            v.to_string(),
-        ));
-    }
-    let params: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let xml = api.call("CreateVolume", &params).await.unwrap();
+    let mut params =
+        spotworld::query::Params::from_pairs([("AvailabilityZone", zone), ("Size", "1")]);
+    params.push_tag_specification("volume", tags);
+    let xml = api.call_with("CreateVolume", params).await.unwrap();
     let id = spotworld::moto::root_text(&xml, "volumeId").unwrap();
     // Wait out `creating`.
     let until = Instant::now() + Duration::from_secs(10);
