@@ -66,6 +66,20 @@ impl Default for Settings {
     }
 }
 
+/// A random number in [0, 1), for fault rates (the kernel's getrandom through std's hasher
+/// seeds; good enough to spread faults, not for anything else).
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// A fault to inject into the next requests of one action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -77,6 +91,9 @@ pub enum Fault {
     Unavailable,
     /// HTTP 403 `UnauthorizedOperation`, naming the action.
     Unauthorized,
+    /// HTTP 400 `IncorrectState`, as EC2 answers a call the resource's state does not allow
+    /// yet (a DetachVolume while EC2 is still settling an attachment).
+    IncorrectState,
 }
 
 /// One request as the layer saw it: from a client, or forwarded to moto.
@@ -130,6 +147,8 @@ struct State {
     /// Instances being terminated.
     terminations: HashMap<String, Termination>,
     faults: HashMap<String, VecDeque<Fault>>,
+    /// Faults that hit a share of an action's requests: (fault, share in 0..=1).
+    fault_rates: HashMap<String, Vec<(Fault, f64)>>,
     denied: HashSet<String>,
     /// Access key id -> role session name (the instance id on EC2).
     callers: HashMap<String, String>,
@@ -235,6 +254,17 @@ impl Fidelity {
         let mut state = self.shared.lock();
         let queue = state.faults.entry(action.to_string()).or_default();
         queue.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// From now on a share (`rate`, 0 to 1) of the requests of `action`, chosen at random, fail
+    /// with `fault` (throttling and 5xx under load, say). Several rates add up.
+    pub fn inject_rate(&self, action: &str, fault: Fault, rate: f64) {
+        self.shared
+            .lock()
+            .fault_rates
+            .entry(action.to_string())
+            .or_default()
+            .push((fault, rate.clamp(0.0, 1.0)));
     }
 
     /// From now on every request of `action` gets `UnauthorizedOperation`, as with an IAM
@@ -422,6 +452,12 @@ impl Shared {
             ));
         }
         self.check_faults(action, params, authorization)?;
+        if matches!(
+            action,
+            "CreateTags" | "CreateVolume" | "CreateSnapshot" | "RunInstances"
+        ) {
+            Self::check_reserved_tags(params)?;
+        }
         match action {
             "AttachVolume" => self.attach_volume(params, authorization).await,
             "DetachVolume" => self.detach_volume(params, authorization, request_id).await,
@@ -447,7 +483,17 @@ impl Shared {
         let fault = if state.denied.contains(action) {
             Some(Fault::Unauthorized)
         } else {
-            state.faults.get_mut(action).and_then(VecDeque::pop_front)
+            state
+                .faults
+                .get_mut(action)
+                .and_then(VecDeque::pop_front)
+                .or_else(|| {
+                    let mut roll = random_unit();
+                    state.fault_rates.get(action)?.iter().find_map(|(f, rate)| {
+                        roll -= rate;
+                        (roll < 0.0).then_some(*f)
+                    })
+                })
         };
         match fault {
             None => Ok(()),
@@ -466,6 +512,35 @@ impl Shared {
             Some(Fault::Unauthorized) => {
                 Err(self.unauthorized(&state, action, params, authorization))
             }
+            Some(Fault::IncorrectState) => Err(Ec2Error::new(
+                "IncorrectState",
+                format!(
+                    "Volume '{}' is in the 'busy' state.",
+                    params.get("VolumeId").unwrap_or("vol-?")
+                ),
+            )),
+        }
+    }
+
+    /// EC2 refuses tag keys that start with `aws:` (any case) wherever a client sets tags:
+    /// "Value ( aws:cloudformation:stack-name ) for parameter key is invalid. Tag keys starting
+    /// with 'aws:' are reserved for internal use" (InvalidParameterValue; the wording in
+    /// AndrewFarley/AWS-Automated-Daily-Instance-AMI-Snapshots#7). Resources made by AWS
+    /// services carry such tags all the same.
+    fn check_reserved_tags(params: &Params) -> Result<(), Ec2Error> {
+        let reserved = params.iter().find(|(k, v)| {
+            k.ends_with(".Key")
+                && (k.starts_with("Tag.") || k.starts_with("TagSpecification."))
+                && v.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
+        });
+        match reserved {
+            Some((_, key)) => Err(Ec2Error::new(
+                "InvalidParameterValue",
+                format!(
+                    "Value ( {key} ) for parameter key is invalid. Tag keys starting with 'aws:' are reserved for internal use"
+                ),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -1200,7 +1275,11 @@ impl Shared {
     // -----------------------------------------------------------------------------------------
 
     async fn describe_volumes(&self, params: &Params, authorization: Option<&str>) -> Reply {
-        let (ours, forwarded) = split_filters(params, &["status", "attachment.status"]);
+        // Tag filters too: moto reads their values with Python's fnmatch, which has no
+        // backslash escapes (EC2's `\*` for a literal `*`) and has `[...]` classes EC2 has not.
+        let (ours, forwarded) = split_filters_by(params, |name| {
+            matches!(name, "status" | "attachment.status") || name.starts_with("tag:")
+        });
         let (status, body) = self.forward(&forwarded, authorization).await?;
         if status >= 400 {
             return Ok((status, body));
@@ -1229,9 +1308,22 @@ impl Shared {
                 }
                 attachment_states.push(s);
             }
+            let tags: Vec<(&str, &str)> = items(item, &["tagSet"])
+                .into_iter()
+                .map(|t| {
+                    (
+                        child_text(t, "key").unwrap_or(""),
+                        child_text(t, "value").unwrap_or(""),
+                    )
+                })
+                .collect();
             let keep = ours.iter().all(|f| match f.name.as_str() {
                 "status" => f.matches(status),
-                _ => attachment_states.iter().any(|s| f.matches(s)),
+                "attachment.status" => attachment_states.iter().any(|s| f.matches(s)),
+                name => {
+                    let key = name.trim_start_matches("tag:");
+                    tags.iter().any(|(k, v)| *k == key && f.matches(v))
+                }
             });
             if !keep {
                 edits.remove(item);
@@ -1440,10 +1532,13 @@ fn unreadable(action: &str, detail: impl std::fmt::Display) -> Ec2Error {
 /// Splits the filters named in `ours` (which depend on state only this layer knows) from the
 /// rest, which moto applies; returns them and the request to forward without them.
 fn split_filters(params: &Params, ours: &[&str]) -> (Vec<Filter>, Params) {
-    let (mine, theirs): (Vec<Filter>, Vec<Filter>) = params
-        .filters()
-        .into_iter()
-        .partition(|f| ours.contains(&f.name.as_str()));
+    split_filters_by(params, |name| ours.contains(&name))
+}
+
+/// The filters whose name `ours` says the layer applies itself, and the request without them.
+fn split_filters_by(params: &Params, ours: impl Fn(&str) -> bool) -> (Vec<Filter>, Params) {
+    let (mine, theirs): (Vec<Filter>, Vec<Filter>) =
+        params.filters().into_iter().partition(|f| ours(&f.name));
     let mut forwarded = params.clone();
     forwarded.set_filters(&theirs);
     (mine, forwarded)

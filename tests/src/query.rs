@@ -254,18 +254,35 @@ pub struct TagSpecification {
     pub tags: Vec<(String, String)>,
 }
 
+/// EC2's filter-value matching: `*` is any run of characters, `?` zero or one character, and a
+/// backslash makes the next character literal (`\*`, `\?`, `\\`).
 fn wildcard_match(pattern: &str, value: &str) -> bool {
-    fn go(p: &[char], v: &[char]) -> bool {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Tok {
+        Any,
+        ZeroOrOne,
+        Char(char),
+    }
+    fn go(p: &[Tok], v: &[char]) -> bool {
         match p.split_first() {
             None => v.is_empty(),
-            Some(('*', rest)) => (0..=v.len()).any(|i| go(rest, &v[i..])),
-            Some(('?', rest)) => !v.is_empty() && go(rest, &v[1..]),
-            Some((c, rest)) => v.first() == Some(c) && go(rest, &v[1..]),
+            Some((Tok::Any, rest)) => (0..=v.len()).any(|i| go(rest, &v[i..])),
+            Some((Tok::ZeroOrOne, rest)) => go(rest, v) || (!v.is_empty() && go(rest, &v[1..])),
+            Some((Tok::Char(c), rest)) => v.first() == Some(c) && go(rest, &v[1..]),
         }
     }
-    let p: Vec<char> = pattern.chars().collect();
+    let mut toks = Vec::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        toks.push(match c {
+            '\\' => Tok::Char(chars.next().unwrap_or('\\')),
+            '*' => Tok::Any,
+            '?' => Tok::ZeroOrOne,
+            c => Tok::Char(c),
+        });
+    }
     let v: Vec<char> = value.chars().collect();
-    go(&p, &v)
+    go(&toks, &v)
 }
 
 /// Decodes one form component: `+` is a space, `%XX` a byte; invalid escapes stay as they are.
@@ -724,6 +741,22 @@ mod tests {
         // A broken escape stays literal instead of being dropped.
         assert_eq!(Params::parse(b"A=100%").get("A"), Some("100%"));
         assert_eq!(Params::parse(b"A=%zz").get("A"), Some("%zz"));
+    }
+
+    #[test]
+    fn filter_values_match_as_ec2_matches_them() {
+        let f = |v: &str| Filter {
+            name: "tag:Name".into(),
+            values: vec![v.into()],
+        };
+        assert!(f("git*").matches("gitlab") && f("git*").matches("git*"));
+        assert!(f("git\\*").matches("git*") && !f("git\\*").matches("gitlab"));
+        // `?` is zero or one character.
+        assert!(f("a?c").matches("ac") && f("a?c").matches("abc") && !f("a?c").matches("abbc"));
+        assert!(f("a\\?").matches("a?") && !f("a\\?").matches("ab"));
+        assert!(f(r"a\\b").matches(r"a\b"));
+        // No character classes.
+        assert!(f("x[1]").matches("x[1]") && !f("x[1]").matches("x1"));
     }
 
     #[test]

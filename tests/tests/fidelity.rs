@@ -1075,3 +1075,179 @@ async fn injected_faults_reach_the_sdk_with_ec2s_codes_and_retries_get_through()
         .await
         .expect("allowed again");
 }
+
+#[tokio::test]
+async fn tag_keys_starting_with_aws_are_refused_as_ec2_refuses_them() {
+    let w = world(fast_settings()).await;
+    let volume = w.create_volume(ZONE_A, 10).await;
+    for key in [
+        "aws:cloudformation:stack-name",
+        "AWS:backup:source-resource",
+    ] {
+        let err = w
+            .ec2_once
+            .create_tags()
+            .resources(&volume)
+            .tags(Tag::builder().key(key).value("x").build())
+            .send()
+            .await
+            .expect_err("reserved key");
+        assert_eq!(err.code(), Some("InvalidParameterValue"), "{key}");
+        assert_eq!(
+            err.message(),
+            Some(
+                format!(
+                    "Value ( {key} ) for parameter key is invalid. Tag keys starting with 'aws:' are reserved for internal use"
+                )
+                .as_str()
+            )
+        );
+        let err = w
+            .ec2_once
+            .create_volume()
+            .availability_zone(ZONE_A)
+            .size(1)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Volume)
+                    .tags(Tag::builder().key("Name").value("n").build())
+                    .tags(Tag::builder().key(key).value("x").build())
+                    .build(),
+            )
+            .send()
+            .await
+            .expect_err("reserved key on create");
+        assert_eq!(err.code(), Some("InvalidParameterValue"));
+    }
+    // Nothing reached moto; a key that merely begins with "aws" is the user's own.
+    assert!(!w
+        .fidelity
+        .moto_requests()
+        .iter()
+        .any(|r| r.action == "CreateTags"));
+    w.ec2
+        .create_tags()
+        .resources(&volume)
+        .tags(Tag::builder().key("aws-team").value("x").build())
+        .send()
+        .await
+        .expect("an ordinary key");
+    // Resources AWS services made carry such tags all the same (moto, behind the layer).
+    let p = spotworld::query::Params::from_pairs([
+        ("Action", "CreateTags"),
+        ("Version", "2016-11-15"),
+        ("ResourceId.1", volume.as_str()),
+        ("Tag.1.Key", "aws:cloudformation:stack-name"),
+        ("Tag.1.Value", "gitlab"),
+    ]);
+    let (status, _) = w.moto.client().send_raw(p.encode(), None).await.unwrap();
+    assert_eq!(status, 200);
+    let out = w
+        .ec2
+        .describe_volumes()
+        .volume_ids(&volume)
+        .send()
+        .await
+        .unwrap();
+    assert!(out.volumes()[0]
+        .tags()
+        .iter()
+        .any(|t| t.key() == Some("aws:cloudformation:stack-name")));
+}
+
+#[tokio::test]
+async fn an_incorrect_state_fault_and_fault_rates_reach_the_sdk() {
+    let w = world(fast_settings()).await;
+    let instance = w.run_instance(ZONE_A).await;
+    let volume = w.create_volume(ZONE_A, 10).await;
+    w.attach(&volume, &instance, "/dev/sdf").await;
+    w.wait_attachment(&volume, "attached", Duration::from_secs(5))
+        .await;
+    w.fidelity.inject("DetachVolume", Fault::IncorrectState, 1);
+    let err = w
+        .ec2_once
+        .detach_volume()
+        .volume_id(&volume)
+        .instance_id(&instance)
+        .send()
+        .await
+        .expect_err("injected IncorrectState");
+    assert_eq!(err.code(), Some("IncorrectState"));
+    assert_eq!(
+        err.message(),
+        Some(format!("Volume '{volume}' is in the 'busy' state.").as_str())
+    );
+    // Still attached: the refusal changed nothing.
+    let (_, attachments) = w.volume(&volume).await;
+    assert_eq!(attachments[0].1, "attached");
+
+    // About a fifth of 200 requests throttled, the rest served.
+    w.fidelity
+        .inject_rate("DescribeVolumes", Fault::Throttle, 0.2);
+    let mut throttled = 0;
+    for _ in 0..200 {
+        match w
+            .ec2_once
+            .describe_volumes()
+            .volume_ids(&volume)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Some("RequestLimitExceeded"));
+                throttled += 1;
+            }
+        }
+    }
+    assert!(
+        (15..=70).contains(&throttled),
+        "{throttled} of 200 throttled"
+    );
+}
+
+#[tokio::test]
+async fn tag_filters_take_ec2s_wildcards_and_escapes() {
+    let w = world(fast_settings()).await;
+    let mut ids = Vec::new();
+    for name in ["git*", "gitlab", "x[1]"] {
+        let id = w.create_volume(ZONE_A, 1).await;
+        w.ec2
+            .create_tags()
+            .resources(&id)
+            .tags(Tag::builder().key("Name").value(name).build())
+            .send()
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let found = |value: &'static str| {
+        let ec2 = w.ec2.clone();
+        async move {
+            let out = ec2
+                .describe_volumes()
+                .filters(Filter::builder().name("tag:Name").values(value).build())
+                .send()
+                .await
+                .unwrap();
+            let mut v: Vec<String> = out
+                .volumes()
+                .iter()
+                .filter_map(|v| v.volume_id().map(str::to_string))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        found("git*").await,
+        sorted(vec![ids[0].clone(), ids[1].clone()])
+    );
+    assert_eq!(found("git\\*").await, vec![ids[0].clone()]);
+    assert_eq!(found("x[1]").await, vec![ids[2].clone()]);
+    assert_eq!(found("gitla?").await, vec![ids[1].clone()]);
+}
