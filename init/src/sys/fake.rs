@@ -88,6 +88,8 @@ pub enum Behavior {
     Run,
     /// Runs until SIGKILL (a daemon stuck in shutdown).
     IgnoreTerm,
+    /// Never exits, not even on SIGKILL (a process stuck in uninterruptible I/O).
+    IgnoreAll,
 }
 
 type SpawnHook = Arc<dyn Fn(&CommandSpec) + Send + Sync>;
@@ -110,6 +112,8 @@ struct State {
     hooks: HashMap<String, SpawnHook>,
     op_hooks: Vec<OpHook>,
     failures: Vec<(FailRule, Errno)>,
+    /// Kept only when asked for ([`FakeSystem::with_mount_table`]).
+    mounts: Option<super::fake_mounts::MountTable>,
 }
 
 /// The recording fake. Cheap to clone (shared state).
@@ -133,6 +137,25 @@ impl FakeSystem {
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a kernel-like mount table in `<root>/proc/self/mountinfo` from the mounts made
+    /// through this fake: binds share their filesystem's device, a mount with mounts below it
+    /// is busy, a read-only remount covers the whole filesystem.
+    pub fn with_mount_table(self) -> Self {
+        self.st().mounts = Some(super::fake_mounts::MountTable::new(&self.root));
+        self
+    }
+
+    /// What the mount table says to a call (nothing without a table), before it is recorded.
+    fn table(
+        &self,
+        f: impl FnOnce(&mut super::fake_mounts::MountTable) -> Result<(), Errno>,
+    ) -> Result<(), Errno> {
+        match self.st().mounts.as_mut() {
+            Some(t) => f(t),
+            None => Ok(()),
+        }
     }
 
     /// Programs (by file name) that do not exit by themselves default to [`Behavior::Exit(0)`];
@@ -209,7 +232,19 @@ impl FakeSystem {
     }
 
     fn record(&self, op: Op, what: &str, name: &'static str) -> SysResult<()> {
-        let (failed, hooks) = {
+        self.record_then(op, what, name, || Ok(()))
+    }
+
+    /// Records the call; a scripted failure, else what `kernel` answers (the mount table),
+    /// decides the result; the op hooks run only after a success.
+    fn record_then(
+        &self,
+        op: Op,
+        what: &str,
+        name: &'static str,
+        kernel: impl FnOnce() -> Result<(), Errno>,
+    ) -> SysResult<()> {
+        let failed = {
             let mut st = self.st();
             let failed = st
                 .failures
@@ -217,23 +252,23 @@ impl FakeSystem {
                 .find(|(rule, _)| rule(&op))
                 .map(|(_, e)| *e);
             st.ops.push(op.clone());
-            (failed, st.op_hooks.clone())
+            failed
         };
-        match failed {
-            Some(errno) => Err(SysError::new(name, what, errno)),
-            None => {
-                for h in hooks {
-                    h(&op);
-                }
-                Ok(())
-            }
+        if let Some(errno) = failed.or_else(|| kernel().err()) {
+            return Err(SysError::new(name, what, errno));
         }
+        let hooks = self.st().op_hooks.clone();
+        for h in hooks {
+            h(&op);
+        }
+        Ok(())
     }
 
     fn signal(&self, pid: Pid, sig: Signal) {
         let mut st = self.st();
         let ends = match st.running.get(&pid) {
             Some(r) => match (r.behavior, sig) {
+                (Behavior::IgnoreAll, _) => false,
                 (_, Signal::SIGKILL) => true,
                 (Behavior::IgnoreTerm, _) => false,
                 (_, Signal::SIGTERM | Signal::SIGINT) => true,
@@ -257,21 +292,28 @@ impl System for FakeSystem {
             fstype: m.fstype.clone(),
             flags: m.flags,
         };
-        self.record(op, &m.target.display().to_string(), "mount")
+        let what = m.target.display().to_string();
+        self.record_then(op, &what, "mount", || self.table(|t| t.mount(m)))
     }
     fn umount(&self, target: &Path, detach: bool) -> SysResult<()> {
         let op = Op::Umount {
             target: self.rel(target),
             detach,
         };
-        self.record(op, &target.display().to_string(), "umount")
+        let what = target.display().to_string();
+        self.record_then(op, &what, "umount", || {
+            self.table(|t| t.umount(target, detach))
+        })
     }
     fn remount(&self, target: &Path, flags: MsFlags) -> SysResult<()> {
         let op = Op::Remount {
             target: self.rel(target),
             flags,
         };
-        self.record(op, &target.display().to_string(), "remount")
+        let what = target.display().to_string();
+        self.record_then(op, &what, "remount", || {
+            self.table(|t| t.remount(target, flags))
+        })
     }
     fn pivot_root(&self, new_root: &Path, put_old: &Path) -> SysResult<()> {
         let op = Op::PivotRoot {

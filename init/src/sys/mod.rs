@@ -4,6 +4,7 @@
 //! writes do not go through here: they use [`Paths`], which tests root in a temp directory.
 
 pub mod fake;
+mod fake_mounts;
 pub mod linux;
 mod logfile;
 pub use logfile::{is_error_line, RollingFile};
@@ -280,6 +281,31 @@ pub struct MountInfo {
     pub device: String,
     /// The path within the source filesystem that is mounted (not `/` for bind mounts).
     pub root: String,
+    /// Per-mount options (`rw,nosuid,relatime`).
+    pub options: String,
+    /// The filesystem's own options (`rw,lowerdir=...,upperdir=...` for overlay; `ro` when the
+    /// whole filesystem is read-only, whatever each mount says).
+    pub super_options: String,
+}
+
+impl MountInfo {
+    /// The filesystem itself is read-only (for every mount of it).
+    pub fn fs_read_only(&self) -> bool {
+        self.super_options.split(',').any(|o| o == "ro")
+    }
+
+    /// The directories an overlay is made of (lowerdir, upperdir, workdir), if it is one.
+    pub fn overlay_dirs(&self) -> Vec<PathBuf> {
+        if self.fstype != "overlay" {
+            return Vec::new();
+        }
+        self.super_options
+            .split(',')
+            .filter_map(|o| o.split_once('='))
+            .filter(|(k, _)| matches!(*k, "lowerdir" | "upperdir" | "workdir"))
+            .flat_map(|(_, v)| v.split(':').map(PathBuf::from).collect::<Vec<_>>())
+            .collect()
+    }
 }
 
 /// Parses /proc/self/mountinfo text (octal escapes in paths decoded).
@@ -310,8 +336,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
                 device: f.get(2)?.to_string(),
                 root: unescape(f.get(3)?),
                 mount_point: PathBuf::from(unescape(f.get(4)?)),
+                options: f.get(5).unwrap_or(&"").to_string(),
                 fstype: r.first()?.to_string(),
                 source: unescape(r.get(1).unwrap_or(&"")),
+                super_options: unescape(r.get(2).unwrap_or(&"")),
             })
         })
         .collect()
@@ -341,6 +369,28 @@ mod tests {
         assert_eq!(m[1].device, "259:5");
         assert_eq!(m[1].source, "/dev/nvme1n1");
         assert_eq!(m[2].mount_point, PathBuf::from("/mnt/with space"));
+        assert!(m[0].fs_read_only() && !m[1].fs_read_only());
+        assert_eq!(m[1].options, "rw");
+    }
+
+    #[test]
+    fn overlay_dirs_are_read_from_the_super_options() {
+        let text = concat!(
+            "90 40 0:55 / /var/lib/docker/overlay2/abc/merged rw,relatime - overlay overlay ",
+            "rw,lowerdir=/var/lib/docker/overlay2/l/X:/var/lib/docker/overlay2/l/Y,",
+            "upperdir=/var/lib/docker/overlay2/abc/diff,workdir=/var/lib/docker/overlay2/abc/work\n"
+        );
+        let m = &parse_mountinfo(text)[0];
+        assert_eq!(
+            m.overlay_dirs(),
+            [
+                "/var/lib/docker/overlay2/l/X",
+                "/var/lib/docker/overlay2/l/Y",
+                "/var/lib/docker/overlay2/abc/diff",
+                "/var/lib/docker/overlay2/abc/work"
+            ]
+            .map(PathBuf::from)
+        );
     }
 
     #[test]
