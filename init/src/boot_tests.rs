@@ -199,6 +199,75 @@ async fn a_request_during_the_volume_phase_interrupts_the_boot_and_releases_the_
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_notice_during_the_first_mkfs_lets_it_finish_before_processes_are_stopped() {
+    let (fake, cloud, root) = world(
+        "mkfs-notice",
+        None,
+        Script::SlowFormat(Duration::from_secs(20)),
+    );
+    // A process of the instance's own, so the drain has something to stop.
+    std::fs::create_dir_all(root.join("proc/4242")).unwrap();
+    std::fs::write(root.join("proc/4242/cmdline"), "sleep\0").unwrap();
+    std::fs::write(root.join("proc/4242/comm"), "sleep\n").unwrap();
+    let (m, mut rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let tx = m.requests.clone();
+    let log = cloud.log.clone();
+    tokio::spawn(async move {
+        while log.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let notice = Request::new("spot interruption notice", Then::Wait)
+            .with_deadline(Instant::now() + Duration::from_secs(120));
+        let _ = tx.send(notice);
+    });
+    assert_eq!(serve(&m, &cloud, &mut rx).await, Then::Wait);
+    let notes = cloud.log.lock().unwrap().clone();
+    let at = |what: &str| notes.iter().find(|(_, w)| *w == what).map(|(i, _)| *i);
+    let finished = at("mkfs finished").expect("the mkfs ran to its end");
+    let b = fake.briefs();
+    let kill_all = index_of(&b, "kill-all SIGTERM");
+    assert!(
+        finished <= kill_all,
+        "mkfs ended at op {finished}, kill-all at {kill_all}: {b:#?}"
+    );
+    assert!(at("volume release").unwrap() > finished);
+    assert!(!b.iter().any(|x| x == "spawn containerd"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_mkfs_that_would_outlast_the_deadline_is_not_waited_for() {
+    let (fake, cloud, root) = world(
+        "mkfs-late",
+        None,
+        Script::SlowFormat(Duration::from_secs(600)),
+    );
+    let (m, mut rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let tx = m.requests.clone();
+    let log = cloud.log.clone();
+    tokio::spawn(async move {
+        while log.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let notice = Request::new("spot interruption notice", Then::Wait)
+            .with_deadline(Instant::now() + Duration::from_secs(60));
+        let _ = tx.send(notice);
+    });
+    let start = Instant::now();
+    serve(&m, &cloud, &mut rx).await;
+    // The drain kept the reserve for unmount and detach.
+    assert!(
+        start.elapsed() <= Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    let notes = cloud.log.lock().unwrap().clone();
+    assert!(!notes.iter().any(|(_, w)| *w == "mkfs finished"));
+    assert!(notes.iter().any(|(_, w)| *w == "volume release"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 #[tokio::test]
 async fn service_mode_makes_no_mounts_and_never_powers_off() {
     let (fake, cloud, root) = world("service", None, Script::Mount);

@@ -8,6 +8,7 @@ pub mod console;
 pub mod boot;
 pub mod cloud;
 pub mod config;
+pub mod critical;
 pub mod host;
 pub mod lifecycle;
 pub mod power;

@@ -78,6 +78,16 @@ pub fn user_processes(paths: &crate::sys::Paths) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// How long a step may take before the deadline, keeping [`crate::lifecycle::RESERVE`] back
+/// for sync, unmount and detach (at least a second; no limit without a deadline).
+fn step_limit(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| {
+        d.saturating_duration_since(Instant::now())
+            .saturating_sub(crate::lifecycle::RESERVE)
+            .max(Duration::from_secs(1))
+    })
+}
+
 pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>, req: &Request) {
     let start = Instant::now();
     let deadline = req.deadline;
@@ -102,10 +112,17 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
         }
         for name in ["dockerd", "containerd"] {
             let t = Instant::now();
-            let s = m.supervisor.stop(name).await;
+            let s = m.supervisor.stop_within(name, step_limit(deadline)).await;
             if s.was_running {
                 step_done(
-                    &format!("{name} stopped{}", if s.killed { " (killed)" } else { "" }),
+                    &format!(
+                        "{name} {}",
+                        match (s.killed, s.lingering) {
+                            (_, true) => "killed, but not gone",
+                            (true, false) => "stopped (killed)",
+                            (false, false) => "stopped",
+                        }
+                    ),
                     t,
                     deadline,
                 );
@@ -116,11 +133,12 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
     let t = Instant::now();
     let others = m.supervisor.running().await;
     // Stop them all at once: each only waits for its own process.
+    let limit = step_limit(deadline);
     let handles: Vec<_> = others
         .into_iter()
         .map(|(name, _)| {
             let sup = m.supervisor.clone();
-            tokio::spawn(async move { sup.stop(&name).await })
+            tokio::spawn(async move { sup.stop_within(&name, limit).await })
         })
         .collect();
     let mut stopped = Vec::new();
@@ -143,13 +161,29 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
             deadline,
         );
     }
+    // A first mkfs or an fsck the boot began: let it finish (before the deadline's reserve),
+    // or the volume would keep a half-made filesystem.
+    if let Some(vol) = st.volume.as_ref() {
+        let t = Instant::now();
+        let until = deadline.map(|d| d.checked_sub(crate::lifecycle::RESERVE).unwrap_or(d));
+        let f = vol.finish_critical(until).await;
+        if !f.finished.is_empty() {
+            step_done(&format!("{} finished", f.finished.join(", ")), t, deadline);
+        }
+        for what in &f.cut_off {
+            crate::log!("shutdown: {what} is still running at the deadline; it is stopped with the rest (the next boot redoes it)");
+        }
+    }
+
     if m.mode == Mode::Pid1 {
         // Container shims, containers, anything started by hand: TERM, a moment, KILL.
         let t = Instant::now();
         let left = user_processes(&m.paths).len();
         if left > 0 {
             let _ = m.sys.kill_all(Signal::SIGTERM);
-            let until = Instant::now() + Duration::from_secs(5);
+            let grace = step_limit(deadline)
+                .map_or(Duration::from_secs(5), |l| l.min(Duration::from_secs(5)));
+            let until = Instant::now() + grace;
             while !user_processes(&m.paths).is_empty() && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

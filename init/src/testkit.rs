@@ -62,9 +62,12 @@ pub enum Script {
     MountWithoutBinds,
     /// Mount as persisted-root mode would: the mountinfo shows "/" as rootfs/ of the volume.
     PersistedRoot,
+    /// A first mkfs that takes this long (critical work: a shutdown lets it finish), then mount.
+    SlowFormat(std::time::Duration),
 }
 
 pub struct FakeVolume {
+    pub critical: crate::critical::Critical,
     pub fake: FakeSystem,
     pub root: PathBuf,
     pub script: Script,
@@ -140,11 +143,29 @@ impl VolumePhase for FakeVolume {
                 found: "a xfs signature".into(),
             }),
             Script::Hang => std::future::pending().await,
+            Script::SlowFormat(took) => {
+                let (fake, log) = (self.fake.clone(), self.log.clone());
+                self.critical
+                    .run("mkfs.ext4 of vol-0aaaaaaaaaaaaaaaa", async move {
+                        tokio::time::sleep(took).await;
+                        log.lock()
+                            .unwrap()
+                            .push((fake.ops().len(), "mkfs finished"));
+                    })
+                    .await;
+                Ok(self.mount(true))
+            }
         }
     }
     async fn release(&mut self) -> Result<(), VolumeError> {
         self.note("volume release");
         Ok(())
+    }
+    async fn finish_critical(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> crate::critical::Finished {
+        self.critical.finish(deadline).await
     }
 }
 
@@ -167,6 +188,7 @@ impl Platform for FakeCloud {
     }
     fn volume(&self, _: &Config, _: &Identity, _: &FakeMeta) -> Result<FakeVolume, String> {
         Ok(FakeVolume {
+            critical: crate::critical::Critical::default(),
             fake: self.fake.clone(),
             root: self.root.clone(),
             script: self.script,

@@ -191,6 +191,8 @@ fn volume_mount_binds_and_the_docker_state_check() {
                 boot_count: 1,
                 ..Record::default()
             };
+            // A new state: its directories first, then its record.
+            layout::create_state_dirs(&paths, "docker").unwrap();
             layout::write_record(&paths, &record).unwrap();
             let targets = layout::bind_state_dirs(&Linux, &paths).unwrap();
             assert_eq!(

@@ -18,7 +18,7 @@ use common::{create_tagged, fast, tag, vcfg, write_at, InstanceParts, World};
 use spotinit::cloud::ec2::Ec2Client;
 use spotinit::config;
 use spotinit::sys::fake::{FakeSystem, Op};
-use spotinit::sys::Paths;
+use spotinit::sys::{MountSpec, MsFlags, Paths, System};
 use spotinit::volume::ebs::EbsVolume;
 use spotinit::volume::layout;
 use spotinit::volume::{VolumeError, VolumePhase};
@@ -47,7 +47,7 @@ impl World {
             me,
             devices,
         } = self.instance_parts(zone).await;
-        let fake = FakeSystem::new(&root);
+        let fake = FakeSystem::new(&root).with_mount_table();
         // mkfs runs for real on the backing file, so signatures are real.
         fake.on_spawn("mkfs.ext4", |cmd| {
             let dev = cmd.args.last().unwrap();
@@ -236,11 +236,23 @@ async fn a_volume_in_another_zone_follows_through_a_snapshot() {
 async fn an_interrupted_move_is_finished_not_duplicated() {
     let w = World::start(fast()).await;
     let api = w.fidelity.client();
-    let old = create_tagged(&api, "us-east-1a", &[("Name", "spotinit-state")]).await;
+    // The mover (an instance that no longer exists) claimed the old volume, made the copy,
+    // and was gone before it marked the old one superseded.
+    let claim = "i-0dead0000000000000 us-east-1b 2026-11-29T10:00:00Z";
+    let old = create_tagged(
+        &api,
+        "us-east-1a",
+        &[("Name", "spotinit-state"), ("spotinit:moving", claim)],
+    )
+    .await;
     let new = create_tagged(
         &api,
         "us-east-1b",
-        &[("Name", "spotinit-state"), ("spotinit:moved-from", &old)],
+        &[
+            ("Name", "spotinit-state"),
+            ("spotinit:moved-from", &old),
+            ("spotinit:move-claim", claim),
+        ],
     )
     .await;
     let mut b = w.instance("us-east-1b", vcfg(), "overlay2").await;
@@ -528,4 +540,593 @@ async fn a_storage_driver_mismatch_refuses_and_says_how_to_fix_it() {
     let mut c = w.instance("us-east-1a", vcfg(), "overlay2").await;
     let m = c.volume.acquire().await.unwrap();
     assert_eq!(m.record.boot_count, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// State never forks, goes stale or gets formatted
+// ---------------------------------------------------------------------------------------------
+
+fn pinned(id: &str) -> config::Volume {
+    config::Volume {
+        id: Some(id.to_string()),
+        ..vcfg()
+    }
+}
+
+/// A first instance in us-east-1a makes the state (one boot), and a second in us-east-1b moves
+/// it there (boot two). Returns (old, new).
+async fn state_moved_to_b(w: &World) -> (String, String) {
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let old = a.volume.acquire().await.unwrap().volume_id;
+    a.volume.release().await.unwrap();
+    let mut b = w.instance("us-east-1b", vcfg(), "overlay2").await;
+    let new = b.volume.acquire().await.unwrap().volume_id;
+    assert_ne!(new, old);
+    b.volume.release().await.unwrap();
+    (old, new)
+}
+
+#[tokio::test]
+async fn a_pinned_volume_id_follows_the_move_to_the_live_volume() {
+    let w = World::start(fast()).await;
+    let (old, new) = state_moved_to_b(&w).await;
+    // In the old volume's own zone, pinned to the old id: the old volume is stale.
+    let mut c = w.instance("us-east-1b", pinned(&old), "overlay2").await;
+    let m = c.volume.acquire().await.unwrap();
+    assert_eq!(m.volume_id, new, "never the superseded volume");
+    assert_eq!(
+        c.record().boot_count,
+        3,
+        "the state that continued on the new volume"
+    );
+    assert!(c.spawned("mkfs.ext4").is_empty());
+    c.volume.release().await.unwrap();
+    // Pinned in the old zone: it follows the state out of it and back, through a new move —
+    // never mounting the stale old volume that sits right there.
+    let mut d = w.instance("us-east-1a", pinned(&old), "overlay2").await;
+    let m = d.volume.acquire().await.unwrap();
+    assert!(m.volume_id != old && m.volume_id != new, "{}", m.volume_id);
+    assert_eq!(d.record().boot_count, 4);
+    let v = w.moto.client().describe_volume(&new).await.unwrap();
+    assert_eq!(
+        tag(&v, "spotinit:superseded-by"),
+        Some(m.volume_id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_superseded_chain_that_loops_or_breaks_is_refused() {
+    let w = World::start(fast()).await;
+    let api = w.fidelity.client();
+    let a = create_tagged(&api, "us-east-1a", &[("Name", "loop")]).await;
+    let b = create_tagged(
+        &api,
+        "us-east-1a",
+        &[("Name", "loop"), ("spotinit:superseded-by", &a)],
+    )
+    .await;
+    api.call(
+        "CreateTags",
+        &[
+            ("ResourceId.1", a.as_str()),
+            ("Tag.1.Key", "spotinit:superseded-by"),
+            ("Tag.1.Value", b.as_str()),
+        ],
+    )
+    .await
+    .unwrap();
+    let before = w.fidelity.requests().len();
+    let mut i = w.instance("us-east-1a", pinned(&a), "overlay2").await;
+    let e = i.volume.acquire().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::Lineage { .. }), "{msg}");
+    assert!(
+        msg.contains("loop") && msg.contains(&format!("{a} -> {b} -> {a}")),
+        "{msg}"
+    );
+    assert!(!e.retryable());
+    assert!(!w.fidelity.requests()[before..]
+        .iter()
+        .any(|r| r.action == "AttachVolume"));
+
+    let c = create_tagged(
+        &api,
+        "us-east-1a",
+        &[("spotinit:superseded-by", "vol-0123456789abcdef0")],
+    )
+    .await;
+    let before_c = w.fidelity.requests().len();
+    let mut j = w.instance("us-east-1a", pinned(&c), "overlay2").await;
+    let e = j.volume.acquire().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("vol-0123456789abcdef0 does not exist") && msg.contains("set volume.id"),
+        "{msg}"
+    );
+    // Nothing was attached, nothing created.
+    let acted = |from: usize| {
+        w.fidelity.requests()[from..]
+            .iter()
+            .any(|r| r.action == "AttachVolume" || r.action == "CreateVolume")
+    };
+    assert!(!acted(before_c));
+}
+
+#[tokio::test]
+async fn only_superseded_volumes_left_is_refused_rather_than_creating_an_empty_one() {
+    let w = World::start(fast()).await;
+    let api = w.fidelity.client();
+    let _old = create_tagged(
+        &api,
+        "us-east-1a",
+        &[
+            ("Name", "spotinit-state"),
+            ("spotinit:superseded-by", "vol-0123456789abcdef0"),
+        ],
+    )
+    .await;
+    let before = w.fidelity.requests().len();
+    let mut i = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = i.volume.acquire().await.unwrap_err();
+    assert!(matches!(e, VolumeError::Lineage { .. }), "{e}");
+    assert!(
+        e.to_string().contains("will not create an empty one"),
+        "{e}"
+    );
+    assert!(!w.fidelity.requests()[before..]
+        .iter()
+        .any(|r| r.action == "CreateVolume"));
+}
+
+#[tokio::test]
+async fn two_instances_moving_one_volume_at_once_leave_exactly_one_copy() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let old = a.volume.acquire().await.unwrap().volume_id;
+    a.volume.release().await.unwrap();
+    let mut b = w.instance("us-east-1b", vcfg(), "overlay2").await;
+    let mut c = w.instance("us-east-1c", vcfg(), "overlay2").await;
+    let (rb, rc) = tokio::join!(b.volume.acquire(), c.volume.acquire());
+    let (winner, loser, e) = match (rb, rc) {
+        (Ok(m), Err(e)) => (m, &mut c, e),
+        (Err(e), Ok(m)) => (m, &mut b, e),
+        (rb, rc) => panic!("exactly one must get the state: {rb:?} / {rc:?}"),
+    };
+    assert!(e.retryable(), "{e}");
+    assert!(
+        matches!(
+            e,
+            VolumeError::BeingMoved { .. } | VolumeError::MoveLost { .. }
+        ),
+        "{e}"
+    );
+    let live = |vols: &[spotworld::moto::Volume]| -> Vec<String> {
+        vols.iter()
+            .filter(|v| tag(v, "spotinit:superseded-by").is_none() && v.state != "deleted")
+            .map(|v| v.id.clone())
+            .collect()
+    };
+    let vols = w.volumes().await;
+    assert_eq!(live(&vols), vec![winner.volume_id.clone()], "{vols:#?}");
+    let o = w.moto.client().describe_volume(&old).await.unwrap();
+    assert_eq!(
+        tag(&o, "spotinit:superseded-by"),
+        Some(winner.volume_id.as_str())
+    );
+    // The loser, trying again, finds the state in use by the winner and keeps off it.
+    let e = loser.volume.acquire().await.unwrap_err();
+    assert!(matches!(e, VolumeError::HeldByRunning { .. }), "{e}");
+    assert_eq!(live(&w.volumes().await), vec![winner.volume_id.clone()]);
+    assert!(loser.spawned("mkfs.ext4").is_empty());
+}
+
+#[tokio::test]
+async fn a_move_claimed_by_a_live_instance_is_waited_for() {
+    let w = World::start(fast()).await;
+    let api = w.fidelity.client();
+    let mover = w.moto.client().run_instance("us-east-1b").await.unwrap();
+    let claim = format!("{mover} us-east-1b 2026-11-29T10:00:00Z");
+    let v = create_tagged(
+        &api,
+        "us-east-1a",
+        &[("Name", "spotinit-state"), ("spotinit:moving", &claim)],
+    )
+    .await;
+    let mut i = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = i.volume.acquire().await.unwrap_err();
+    assert!(matches!(e, VolumeError::BeingMoved { .. }), "{e}");
+    assert!(e.retryable() && e.to_string().contains(&mover), "{e}");
+    // The mover is gone: its claim is cleared, the volume used, its would-be copies ignored.
+    w.fidelity.terminate(&mover).await.unwrap();
+    let m = i.volume.acquire().await.unwrap();
+    assert_eq!(m.volume_id, v);
+    let now = w.moto.client().describe_volume(&v).await.unwrap();
+    assert_eq!(tag(&now, "spotinit:moving"), Some(""));
+}
+
+#[tokio::test]
+async fn a_move_does_not_copy_tags_reserved_for_aws() {
+    let w = World::start(fast()).await;
+    let old = create_tagged(
+        &w.fidelity.client(),
+        "us-east-1a",
+        &[("Name", "spotinit-state")],
+    )
+    .await;
+    // As CloudFormation leaves it: tagged straight in moto, where AWS's own services write.
+    w.moto
+        .client()
+        .call(
+            "CreateTags",
+            &[
+                ("ResourceId.1", old.as_str()),
+                ("Tag.1.Key", "aws:cloudformation:stack-name"),
+                ("Tag.1.Value", "gitlab"),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut a = w.instance("us-east-1b", vcfg(), "overlay2").await;
+    let m = a.volume.acquire().await.unwrap();
+    let n = w.moto.client().describe_volume(&m.volume_id).await.unwrap();
+    assert_eq!(tag(&n, "Name"), Some("spotinit-state"));
+    assert_eq!(tag(&n, "spotinit:moved-from"), Some(old.as_str()));
+    assert!(
+        !n.tags.keys().any(|k| k.starts_with("aws:")),
+        "{:?}",
+        n.tags
+    );
+}
+
+#[tokio::test]
+async fn wildcards_in_a_tag_value_match_only_that_value() {
+    let w = World::start(fast()).await;
+    let api = w.fidelity.client();
+    let star = create_tagged(&api, "us-east-1a", &[("Name", "git*")]).await;
+    let _other = create_tagged(&api, "us-east-1a", &[("Name", "gitlab")]).await;
+    let _q = create_tagged(&api, "us-east-1a", &[("Name", "gitX")]).await;
+    let cfg = config::Volume {
+        tags: BTreeMap::from([("Name".to_string(), "git*".to_string())]),
+        ..vcfg()
+    };
+    let mut i = w.instance("us-east-1a", cfg, "overlay2").await;
+    assert_eq!(i.volume.acquire().await.unwrap().volume_id, star);
+}
+
+#[tokio::test]
+async fn a_used_volume_whose_head_and_tail_were_zeroed_is_refused_not_formatted() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    a.volume.release().await.unwrap();
+    let img = w.disks.image(&id);
+    let size = std::fs::metadata(&img).unwrap().len();
+    write_at(&img, 0, &vec![0u8; 1 << 20]);
+    write_at(&img, size - (1 << 20), &vec![0u8; 1 << 20]);
+    let before = std::fs::read(&img).unwrap();
+    let mut b = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = b.volume.acquire().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::ForeignData { .. }), "{msg}");
+    assert!(
+        msg.contains("primary superblock is gone") && msg.contains("e2fsck -b"),
+        "{msg}"
+    );
+    assert!(b.spawned("mkfs.ext4").is_empty());
+    b.volume.release().await.unwrap();
+    assert!(std::fs::read(&img).unwrap() == before, "not a byte changed");
+}
+
+#[tokio::test]
+async fn a_found_volume_is_formatted_only_when_the_wide_sample_reads_zeros() {
+    let w = World::start(fast()).await;
+    let api = w.fidelity.client();
+    let id = create_tagged(&api, "us-east-1a", &[("Name", "spotinit-state")]).await;
+    // A filesystem at an offset: zeros where the probe looks, data in the middle.
+    write_at(&w.disks.image(&id), 300 << 20, b"some data of someone's");
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = a.volume.acquire().await.unwrap_err();
+    assert!(e.to_string().contains("data at byte"), "{e}");
+    assert!(a.spawned("mkfs.ext4").is_empty());
+    a.volume.release().await.unwrap();
+    // Truly blank (made by someone else, tagged to be adopted): formatted, without a discard.
+    write_at(&w.disks.image(&id), 300 << 20, &[0u8; 64]);
+    let mut b = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    b.volume.acquire().await.unwrap();
+    let mkfs = b.spawned("mkfs.ext4");
+    assert_eq!(mkfs.len(), 1);
+    assert!(mkfs[0].iter().any(|a| a.contains("nodiscard")), "{mkfs:?}");
+    let v = w.moto.client().describe_volume(&id).await.unwrap();
+    assert_eq!(tag(&v, "spotinit:format"), Some("done"));
+}
+
+#[tokio::test]
+async fn an_unfinished_first_format_is_done_again_and_only_then() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    // The first mkfs dies half-way: some of its structures written, no superblock.
+    a.fake.on_spawn("mkfs.ext4", |cmd| {
+        let dev = cmd.args.last().unwrap().clone();
+        write_at(std::path::Path::new(&dev), 5 << 20, &[0xab; 4096]);
+    });
+    a.fake.exit_codes("mkfs.ext4", &[137]);
+    let e = a.volume.acquire().await.unwrap_err();
+    assert!(e.to_string().contains("mkfs.ext4"), "{e}");
+    a.volume.release().await.unwrap();
+    let id = w.volumes().await[0].id.clone();
+    let v = w.moto.client().describe_volume(&id).await.unwrap();
+    assert!(
+        tag(&v, "spotinit:format").is_some_and(|t| t.starts_with(&format!("started by {}", a.id))),
+        "{:?}",
+        v.tags
+    );
+    // The next instance: not created by it, not blank — but nothing else ever wrote to it.
+    let mut b = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let m = b.volume.acquire().await.unwrap();
+    assert_eq!(m.volume_id, id);
+    assert_eq!(b.spawned("mkfs.ext4").len(), 1);
+    let v = w.moto.client().describe_volume(&id).await.unwrap();
+    assert_eq!(tag(&v, "spotinit:format"), Some("done"));
+    b.volume.release().await.unwrap();
+    // Once done, the same damage is refused like anyone's data.
+    write_at(&w.disks.image(&id), 0, &vec![0u8; 1 << 20]);
+    let mut c = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = c.volume.acquire().await.unwrap_err();
+    assert!(matches!(e, VolumeError::ForeignData { .. }), "{e}");
+    assert!(c.spawned("mkfs.ext4").is_empty());
+}
+
+#[tokio::test]
+async fn a_used_volume_whose_docker_state_is_gone_is_refused() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    a.volume.release().await.unwrap();
+    // An fsck put docker/ into lost+found.
+    let content = w.disks.content(&id);
+    std::fs::create_dir_all(content.join("lost+found")).unwrap();
+    std::fs::rename(content.join("docker"), content.join("lost+found/#131073")).unwrap();
+    let mut b = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = b.volume.acquire().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::StateMissing { .. }), "{msg}");
+    assert!(
+        msg.contains("docker/ is missing") && msg.contains("lost+found/ holds 1 entries"),
+        "{msg}"
+    );
+    assert!(!e.retryable());
+    assert!(!b
+        .fake
+        .briefs()
+        .iter()
+        .any(|x| x == "mount bind /var/lib/docker"));
+    assert!(!content.join("docker").exists(), "not recreated empty");
+    assert_eq!(b.record().boot_count, 1, "the record is untouched");
+}
+
+#[tokio::test]
+async fn a_volume_without_a_record_whose_lost_and_found_holds_files_is_not_empty() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    a.volume.release().await.unwrap();
+    let content = w.disks.content(&id);
+    std::fs::remove_dir_all(content.join(".spotinit")).unwrap();
+    std::fs::remove_dir_all(content.join("docker")).unwrap();
+    std::fs::remove_dir_all(content.join("containerd")).unwrap();
+    std::fs::create_dir_all(content.join("lost+found")).unwrap();
+    std::fs::write(content.join("lost+found/#12"), "someone's file").unwrap();
+    let mut b = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let e = b.volume.acquire().await.unwrap_err();
+    assert!(matches!(e, VolumeError::NoRecord { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn the_release_unmounts_what_was_left_on_the_volume_deepest_first_then_detaches() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    // What a container left: a tmpfs below /var/lib/docker, an overlay on top of that.
+    let docker = a.root.join("var/lib/docker");
+    let tmp = docker.join("volumes/x/_data");
+    a.fake
+        .mount(&MountSpec::fs(
+            "tmpfs",
+            "tmpfs",
+            tmp.clone(),
+            MsFlags::empty(),
+            "",
+        ))
+        .unwrap();
+    a.fake
+        .mount(&MountSpec::fs(
+            "tmpfs",
+            "shm",
+            tmp.join("shm"),
+            MsFlags::empty(),
+            "",
+        ))
+        .unwrap();
+    a.volume.release().await.unwrap();
+    let umounts: Vec<String> = a
+        .fake
+        .briefs()
+        .into_iter()
+        .filter(|x| x.starts_with("umount"))
+        .collect();
+    assert_eq!(
+        umounts,
+        [
+            "umount /var/lib/docker/volumes/x/_data/shm",
+            "umount /var/lib/docker/volumes/x/_data",
+            "umount /var/lib/containerd",
+            "umount /var/lib/docker",
+            "umount /run/spotinit/volume"
+        ]
+    );
+    // The record lives on the volume: read it through its content directory.
+    let text = std::fs::read_to_string(w.disks.content(&id).join(layout::RECORD)).unwrap();
+    assert!(text.contains("clean_shutdown = true"), "{text}");
+    assert_eq!(
+        w.moto.client().describe_volume(&id).await.unwrap().state,
+        "available"
+    );
+}
+
+#[tokio::test]
+async fn a_mount_that_will_not_go_is_made_read_only_and_if_that_fails_nothing_is_detached() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    let stuck = a.root.join("var/lib/docker/overlay2/abc/merged");
+    a.fake
+        .mount(&MountSpec::fs(
+            "overlay",
+            "overlay",
+            stuck.clone(),
+            MsFlags::empty(),
+            "",
+        ))
+        .unwrap();
+    a.fake.fail_when(
+        move |op| matches!(op, Op::Umount { target, .. } if target.ends_with("abc/merged")),
+        nix::errno::Errno::EBUSY,
+    );
+    a.fake.fail_when(
+        |op| matches!(op, Op::Remount { .. }),
+        nix::errno::Errno::EBUSY,
+    );
+    let e = a.volume.release().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::StillMounted { .. }), "{msg}");
+    assert!(
+        msg.contains("overlay2/abc/merged") && msg.contains("not detached"),
+        "{msg}"
+    );
+    assert!(!w
+        .fidelity
+        .requests()
+        .iter()
+        .any(|r| r.action == "DetachVolume"));
+    let v = w.moto.client().describe_volume(&id).await.unwrap();
+    assert_eq!(v.attachments.len(), 1, "still attached: {v:?}");
+    let text = std::fs::read_to_string(w.disks.content(&id).join(layout::RECORD)).unwrap();
+    assert!(text.contains("clean_shutdown = false"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stuck_mount_with_a_read_only_filesystem_is_detached_unclean() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    let stuck = a.root.join("var/lib/docker/overlay2/abc/merged");
+    a.fake
+        .mount(&MountSpec::fs(
+            "overlay",
+            "overlay",
+            stuck,
+            MsFlags::empty(),
+            "",
+        ))
+        .unwrap();
+    a.fake.fail_when(
+        |op| matches!(op, Op::Umount { target, .. } if target.ends_with("abc/merged")),
+        nix::errno::Errno::EBUSY,
+    );
+    a.volume.release().await.unwrap();
+    let b = a.fake.briefs();
+    let ro = b
+        .iter()
+        .position(|x| x == "remount /run/spotinit/volume")
+        .expect("remounted");
+    assert!(!b[ro..]
+        .iter()
+        .any(|x| x.starts_with("umount /run/spotinit/volume")));
+    assert_eq!(
+        w.moto.client().describe_volume(&id).await.unwrap().state,
+        "available"
+    );
+    let text = std::fs::read_to_string(w.disks.content(&id).join(layout::RECORD)).unwrap();
+    assert!(
+        text.contains("clean_shutdown = false"),
+        "never marked clean: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_persisted_root_is_made_read_only_before_its_volume_is_detached() {
+    let w = World::start(fast()).await;
+    let cfg = config::Volume {
+        mode: config::VolumeMode::PersistedRoot,
+        ..vcfg()
+    };
+    let mut a = w.instance("us-east-1a", cfg.clone(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    // The pivot made rootfs/ of the volume the root.
+    let root = a.root.clone();
+    a.fake
+        .mount(&MountSpec::bind(
+            root.join("run/spotinit/volume/rootfs"),
+            root.clone(),
+        ))
+        .unwrap();
+    a.volume.release().await.unwrap();
+    let b = a.fake.briefs();
+    assert!(b.iter().any(|x| x == "remount /"), "{b:#?}");
+    assert!(!b.iter().any(|x| x == "umount /"), "{b:#?}");
+    assert_eq!(
+        w.moto.client().describe_volume(&id).await.unwrap().state,
+        "available"
+    );
+    let text = std::fs::read_to_string(w.disks.content(&id).join(layout::RECORD)).unwrap();
+    assert!(text.contains("clean_shutdown = true"), "{text}");
+
+    // The same, but the root will not go read-only: the volume stays attached, not clean.
+    let mut c = w.instance("us-east-1a", cfg, "overlay2").await;
+    c.volume.acquire().await.unwrap();
+    let root = c.root.clone();
+    c.fake
+        .mount(&MountSpec::bind(
+            root.join("run/spotinit/volume/rootfs"),
+            root.clone(),
+        ))
+        .unwrap();
+    c.fake.fail_when(
+        |op| matches!(op, Op::Remount { .. }),
+        nix::errno::Errno::EBUSY,
+    );
+    let e = c.volume.release().await.unwrap_err();
+    assert!(matches!(e, VolumeError::StillMounted { .. }), "{e}");
+    let v = w.moto.client().describe_volume(&id).await.unwrap();
+    assert_eq!(
+        v.attachments.len(),
+        1,
+        "never detached under a read-write root: {v:?}"
+    );
+    let text = std::fs::read_to_string(w.disks.content(&id).join(layout::RECORD)).unwrap();
+    assert!(text.contains("clean_shutdown = false"), "{text}");
+}
+
+#[tokio::test]
+async fn a_detach_refused_while_attached_backs_off_instead_of_spinning() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    let id = a.volume.acquire().await.unwrap().volume_id;
+    w.fidelity.inject("DetachVolume", Fault::IncorrectState, 3);
+    let start = Instant::now();
+    a.volume.release().await.unwrap();
+    let took = start.elapsed();
+    let detaches: Vec<_> = w
+        .fidelity
+        .requests()
+        .into_iter()
+        .filter(|r| r.action == "DetachVolume")
+        .collect();
+    assert_eq!(detaches.len(), 4, "{detaches:?}");
+    // 0.5 + 1 + 2 s of pauses between the refusals.
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    assert_eq!(
+        w.moto.client().describe_volume(&id).await.unwrap().state,
+        "available"
+    );
 }

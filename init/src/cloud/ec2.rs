@@ -129,9 +129,15 @@ fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
         .collect()
 }
 
+/// One filter per tag, each value literal (EC2 reads `*` and `?` in filter values as wildcards).
 fn tag_filters(tags: &BTreeMap<String, String>) -> Vec<Filter> {
     tags.iter()
-        .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+        .map(|(k, v)| {
+            Filter::builder()
+                .name(format!("tag:{k}"))
+                .values(super::literal_filter_value(v))
+                .build()
+        })
         .collect()
 }
 
@@ -169,6 +175,7 @@ fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
                     .unwrap_or_default(),
             })
             .collect(),
+        created_ms: v.create_time().map(|t| t.to_millis().unwrap_or(i64::MAX)),
     }
 }
 
@@ -214,8 +221,11 @@ impl Ec2 for Ec2Client {
             .iter()
             .map(volume_info)
             .collect();
-        // Deleted volumes linger in DescribeVolumes for a while; they are not candidates.
-        out.retain(|v| v.state != "deleting" && v.state != "deleted");
+        // Deleted volumes linger in DescribeVolumes for a while; they are not candidates. And
+        // the filter is checked again exactly, whatever EC2 made of it.
+        out.retain(|v| {
+            v.state != "deleting" && v.state != "deleted" && super::has_tags(&v.tags, tags)
+        });
         Ok(out)
     }
 
@@ -275,6 +285,7 @@ impl Ec2 for Ec2Client {
                 .map(str::to_string),
             tags: tags_map(out.tags()),
             attachments: Vec::new(),
+            created_ms: out.create_time().map(|t| t.to_millis().unwrap_or(i64::MAX)),
         })
     }
 

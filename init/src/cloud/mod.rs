@@ -89,6 +89,40 @@ pub struct VolumeInfo {
     pub snapshot_id: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub attachments: Vec<Attachment>,
+    /// When EC2 created it, in milliseconds since the Unix epoch (orders racing copies).
+    pub created_ms: Option<i64>,
+}
+
+impl VolumeInfo {
+    /// The value of one tag, if the volume carries it.
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+}
+
+/// True when `tags` holds every key of `wanted` with exactly its value. EC2's tag filters
+/// treat `*` and `?` as wildcards; this is the exact check after them.
+pub fn has_tags(tags: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(k, v)| tags.get(k) == Some(v))
+}
+
+/// A tag value as a literal EC2 filter value: `*`, `?` and `\` are escaped with a backslash
+/// (otherwise `*` and `?` are wildcards).
+pub fn literal_filter_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '*' | '?' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Tag keys starting with `aws:` (any case) belong to AWS (CloudFormation, Backup, Auto
+/// Scaling): EC2 refuses them in CreateVolume and CreateTags.
+pub fn is_reserved_tag_key(key: &str) -> bool {
+    key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
 }
 
 /// A volume to create (from scratch, or from a snapshot when `snapshot_id` is set).
@@ -309,6 +343,25 @@ mod tests {
         assert_eq!(k("InvalidParameterValue"), ErrorKind::Refused);
         let e = CloudError::from_code("X", "t", Some("Weird"), "m", Some(503));
         assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn filter_values_are_literal_and_tags_match_exactly() {
+        assert_eq!(literal_filter_value("a*b?c\\d"), "a\\*b\\?c\\\\d");
+        assert_eq!(literal_filter_value("plain"), "plain");
+        let tags = BTreeMap::from([("Name".to_string(), "git*".to_string())]);
+        let want = |v: &str| BTreeMap::from([("Name".to_string(), v.to_string())]);
+        assert!(has_tags(&tags, &want("git*")));
+        assert!(!has_tags(&tags, &want("gitlab")));
+        assert!(!has_tags(&BTreeMap::new(), &want("git*")));
+    }
+
+    #[test]
+    fn aws_prefixed_keys_are_reserved_in_any_case() {
+        assert!(is_reserved_tag_key("aws:cloudformation:stack-name"));
+        assert!(is_reserved_tag_key("AWS:backup:source-resource"));
+        assert!(!is_reserved_tag_key("aws-team"));
+        assert!(!is_reserved_tag_key("Name"));
     }
 
     #[test]

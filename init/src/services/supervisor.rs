@@ -48,7 +48,14 @@ pub struct Stopped {
     pub killed: bool,
     /// It was not running (never started, or waiting to be restarted).
     pub was_running: bool,
+    /// It had not exited [`KILL_GRACE`] after SIGKILL (stuck in the kernel): the stop gave up
+    /// waiting for it.
+    pub lingering: bool,
 }
+
+/// How long a process gets to disappear after SIGKILL before a stop stops waiting for it: one
+/// stuck in uninterruptible I/O must not hold up the drain for ever.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Restart delays: 1 s doubling to 30 s; a service that ran a minute starts over at 1 s.
 #[derive(Clone, Copy, Debug)]
@@ -79,7 +86,8 @@ impl Backoff {
 
 enum Msg {
     Start(ServiceSpec, oneshot::Sender<Result<Pid, String>>),
-    Stop(String, oneshot::Sender<Stopped>),
+    /// Stop it; SIGKILL after its stop timeout, or after the limit if that is shorter.
+    Stop(String, Option<Duration>, oneshot::Sender<Stopped>),
     Running(oneshot::Sender<Vec<(String, Pid)>>),
     Exited {
         name: String,
@@ -94,6 +102,10 @@ enum Msg {
         name: String,
         generation: u64,
     },
+    KillDeadline {
+        name: String,
+        generation: u64,
+    },
 }
 
 struct Service {
@@ -104,6 +116,8 @@ struct Service {
     started: Instant,
     restarts: u32,
     stopping: Option<(Instant, bool, Vec<oneshot::Sender<Stopped>>)>,
+    /// The stop timeout in force for the stop under way.
+    stop_timeout: Duration,
     /// Stopped for good: never restarted again.
     stopped: bool,
 }
@@ -144,14 +158,15 @@ impl Supervisor {
 
     /// Stops a service for good: stop signal, then SIGKILL after its stop timeout.
     pub async fn stop(&self, name: &str) -> Stopped {
+        self.stop_within(name, None).await
+    }
+
+    /// As [`Supervisor::stop`], with SIGKILL after `limit` if that is shorter than the
+    /// service's stop timeout (a drain against a spot notice's deadline).
+    pub async fn stop_within(&self, name: &str, limit: Option<Duration>) -> Stopped {
         let (reply, rx) = oneshot::channel();
-        let gone = Stopped {
-            name: name.into(),
-            took: Duration::ZERO,
-            killed: false,
-            was_running: false,
-        };
-        if self.tx.send(Msg::Stop(name.into(), reply)).is_err() {
+        let gone = not_running(name);
+        if self.tx.send(Msg::Stop(name.into(), limit, reply)).is_err() {
             return gone;
         }
         rx.await.unwrap_or(gone)
@@ -169,6 +184,16 @@ impl Supervisor {
     }
 }
 
+fn not_running(name: &str) -> Stopped {
+    Stopped {
+        name: name.into(),
+        took: Duration::ZERO,
+        killed: false,
+        was_running: false,
+        lingering: false,
+    }
+}
+
 struct Actor<S: System> {
     sys: Arc<S>,
     backoff: Backoff,
@@ -183,7 +208,7 @@ impl<S: System> Actor<S> {
                 Msg::Start(spec, reply) => {
                     let _ = reply.send(self.launch(spec));
                 }
-                Msg::Stop(name, reply) => self.stop(&name, reply),
+                Msg::Stop(name, limit, reply) => self.stop(&name, limit, reply),
                 Msg::Running(reply) => {
                     let _ = reply.send(
                         self.services
@@ -199,6 +224,7 @@ impl<S: System> Actor<S> {
                 } => self.exited(&name, generation, status),
                 Msg::Restart { name, generation } => self.restart(&name, generation),
                 Msg::StopDeadline { name, generation } => self.stop_deadline(&name, generation),
+                Msg::KillDeadline { name, generation } => self.kill_deadline(&name, generation),
             }
         }
     }
@@ -219,6 +245,7 @@ impl<S: System> Actor<S> {
                 started: Instant::now(),
                 restarts,
                 stopping: None,
+                stop_timeout: Duration::ZERO,
                 stopped: false,
             },
         );
@@ -266,6 +293,7 @@ impl<S: System> Actor<S> {
                     took: since.elapsed(),
                     killed,
                     was_running: true,
+                    lingering: false,
                 });
             }
             return;
@@ -314,22 +342,16 @@ impl<S: System> Actor<S> {
         }
     }
 
-    fn stop(&mut self, name: &str, reply: oneshot::Sender<Stopped>) {
-        let not_running = Stopped {
-            name: name.into(),
-            took: Duration::ZERO,
-            killed: false,
-            was_running: false,
-        };
+    fn stop(&mut self, name: &str, limit: Option<Duration>, reply: oneshot::Sender<Stopped>) {
         let Some(svc) = self.services.get_mut(name) else {
-            let _ = reply.send(not_running);
+            let _ = reply.send(not_running(name));
             return;
         };
         svc.stopped = true;
         let Some(pid) = svc.pid else {
             // Waiting for a restart: cancel it.
             svc.generation += 1;
-            let _ = reply.send(not_running);
+            let _ = reply.send(not_running(name));
             return;
         };
         if let Some((_, _, waiters)) = svc.stopping.as_mut() {
@@ -340,12 +362,9 @@ impl<S: System> Actor<S> {
             crate::log!("stopping {name}: {e}");
         }
         svc.stopping = Some((Instant::now(), false, vec![reply]));
-        let (tx, name, generation, timeout) = (
-            self.tx.clone(),
-            name.to_string(),
-            svc.generation,
-            svc.spec.stop_timeout,
-        );
+        let timeout = limit.map_or(svc.spec.stop_timeout, |l| l.min(svc.spec.stop_timeout));
+        svc.stop_timeout = timeout;
+        let (tx, name, generation) = (self.tx.clone(), name.to_string(), svc.generation);
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let _ = tx.send(Msg::StopDeadline { name, generation });
@@ -362,11 +381,41 @@ impl<S: System> Actor<S> {
         if let (Some(pid), Some((_, killed, _))) = (svc.pid, svc.stopping.as_mut()) {
             crate::log!(
                 "{name} did not stop within {}: sending SIGKILL",
-                human(svc.spec.stop_timeout)
+                human(svc.stop_timeout)
             );
             *killed = true;
             if let Err(e) = self.sys.kill(pid, Signal::SIGKILL) {
                 crate::log!("killing {name}: {e}");
+            }
+            let (tx, name) = (self.tx.clone(), name.to_string());
+            tokio::spawn(async move {
+                tokio::time::sleep(KILL_GRACE).await;
+                let _ = tx.send(Msg::KillDeadline { name, generation });
+            });
+        }
+    }
+
+    /// SIGKILL did not end it in [`KILL_GRACE`]: answer the stop anyway.
+    fn kill_deadline(&mut self, name: &str, generation: u64) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        if svc.generation != generation {
+            return;
+        }
+        if let Some((since, _, waiters)) = svc.stopping.take() {
+            crate::log!(
+                "{name} has not exited {} after SIGKILL (stuck in the kernel?); going on without it",
+                human(KILL_GRACE)
+            );
+            for w in waiters {
+                let _ = w.send(Stopped {
+                    name: name.into(),
+                    took: since.elapsed(),
+                    killed: true,
+                    was_running: true,
+                    lingering: true,
+                });
             }
         }
     }
@@ -463,6 +512,30 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         settle().await;
         assert_eq!(fake.briefs(), vec!["spawn flaky"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_limit_shorter_than_the_timeout_kills_sooner() {
+        let fake = Arc::new(FakeSystem::new("/r"));
+        fake.behave("dockerd", Behavior::IgnoreTerm);
+        let sup = Supervisor::start(fake.clone());
+        sup.launch(spec("dockerd")).await.unwrap();
+        let s = sup
+            .stop_within("dockerd", Some(Duration::from_secs(2)))
+            .await;
+        assert!(s.killed && !s.lingering);
+        assert_eq!(s.took, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_process_that_outlives_sigkill_is_not_waited_for_for_ever() {
+        let fake = Arc::new(FakeSystem::new("/r"));
+        fake.behave("stuck", Behavior::IgnoreAll);
+        let sup = Supervisor::start(fake.clone());
+        sup.launch(spec("stuck")).await.unwrap();
+        let s = sup.stop("stuck").await;
+        assert!(s.killed && s.lingering);
+        assert_eq!(s.took, Duration::from_secs(5) + KILL_GRACE);
     }
 
     #[test]

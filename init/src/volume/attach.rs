@@ -60,6 +60,31 @@ fn holder<'a>(v: &'a VolumeInfo, me: &Identity) -> Option<&'a crate::cloud::Atta
         .find(|a| a.instance_id != me.instance_id && a.state != "detached")
 }
 
+/// A live instance (other than `me`) holding the volume is an error, at once.
+pub async fn refuse_live_holder<E: Ec2>(
+    ec2: &E,
+    v: &VolumeInfo,
+    me: &Identity,
+) -> Result<(), VolumeError> {
+    let Some(att) = holder(v, me) else {
+        return Ok(());
+    };
+    let inst = api("DescribeInstances", || {
+        ec2.describe_instance(&att.instance_id)
+    })
+    .await
+    .map_err(api_err(Step::Attach))?;
+    let state = inst.map(|i| i.state).unwrap_or_else(|| "terminated".into());
+    if is_dead(&state) {
+        return Ok(());
+    }
+    Err(VolumeError::HeldByRunning {
+        volume: v.id.clone(),
+        holder: att.instance_id.clone(),
+        state,
+    })
+}
+
 /// Waits until no other instance holds the volume. A running holder is an error at once; a dead
 /// one is waited out for `release_wait_secs`, then force-detached if configured.
 pub async fn wait_unheld<E: Ec2>(
@@ -262,6 +287,9 @@ pub async fn detach<E: Ec2>(
 ) -> Result<Duration, VolumeError> {
     let start = Instant::now();
     let mut said = false;
+    // EC2 can refuse a detach (IncorrectState) while DescribeVolumes still says attached: look
+    // again after a growing pause, never in a tight loop.
+    let mut pause = Duration::from_millis(500);
     'detach: loop {
         match api("DetachVolume", || {
             ec2.detach_volume(volume_id, &me.instance_id, false)
@@ -284,7 +312,25 @@ pub async fn detach<E: Ec2>(
                 match ours.map(|a| a.state.as_str()) {
                     None => return Ok(start.elapsed()),
                     Some("detaching") => break 'detach,
-                    Some("attached") => continue 'detach,
+                    Some("attached") => {
+                        if start.elapsed() > deadline {
+                            return Err(VolumeError::Timeout {
+                                step: Step::Detach,
+                                volume: volume_id.into(),
+                                detail: format!(
+                                    "EC2 refused to detach it for {} although it is attached: {e}",
+                                    human(deadline)
+                                ),
+                            });
+                        }
+                        crate::log!(
+                            "volume: {e}, although {volume_id} reads attached; trying again in {}",
+                            human(pause)
+                        );
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                        continue 'detach;
+                    }
                     Some(state) => {
                         if !said {
                             crate::log!(

@@ -1,16 +1,19 @@
-//! The real volume phase on EBS, step by step: select → attach → disk → filesystem → mount →
-//! record. Progress is kept in the struct, so a retry resumes and a release after a partial
-//! acquire undoes exactly what was done.
+//! The real volume phase on EBS, step by step: select → attach → confirm → disk → filesystem →
+//! mount → record. Progress is kept in the struct, so a retry resumes and a release after a
+//! partial acquire undoes exactly what was done.
 
 use super::attach;
 use super::device::{io_timeout_files, DeviceWatcher, VolumeMatch};
-use super::fs::{self, Content};
+use super::fs::{self, Decision, Origin};
 use super::layout::{self, Record, RECORD_FORMAT};
-use super::{pivot, select, Mounted, Step, VolumeError, VolumePhase};
-use crate::cloud::{Ec2, Identity};
+use super::select::{self, FORMAT_DONE, FORMAT_STARTED, TAG_FORMAT};
+use super::{pivot, Mounted, Step, VolumeError, VolumePhase};
+use crate::cloud::{Ec2, Identity, VolumeInfo};
 use crate::config::{self, VolumeMode};
 use crate::console::human;
-use crate::sys::{Paths, System};
+use crate::critical::{Critical, Finished};
+use crate::sys::{MsFlags, Paths, System};
+use nix::errno::Errno;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,10 +27,15 @@ pub struct EbsVolume<E: Ec2, S: System> {
     storage_driver: String,
     me: Identity,
     devices: DeviceWatcher,
+    critical: Critical,
     // Progress.
     volume_id: Option<String>,
+    /// The volume as EC2 last described it: its tags say how it may be formatted.
+    info: Option<VolumeInfo>,
     created: bool,
     attach_requested: bool,
+    /// Read again after attaching: still the state's current home, no live move claim.
+    confirmed: bool,
     needs_full_check: bool,
     device: Option<PathBuf>,
     /// What we mounted, in order (the volume, then the binds).
@@ -54,9 +62,12 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             storage_driver,
             me,
             devices,
+            critical: Critical::default(),
             volume_id: None,
+            info: None,
             created: false,
             attach_requested: false,
+            confirmed: false,
             needs_full_check: false,
             device: None,
             mounts: Vec::new(),
@@ -72,6 +83,24 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         self.volume_id
             .clone()
             .unwrap_or_else(|| "(none yet)".into())
+    }
+
+    fn mode(&self) -> String {
+        config::variant_name(&self.cfg.mode)
+    }
+
+    /// Lets go of a volume that turned out not to be the state's home, so the next try
+    /// chooses again.
+    async fn let_go(&mut self, volume_id: &str) -> Result<(), VolumeError> {
+        attach::detach(&*self.ec2, volume_id, &self.me, Duration::from_secs(60)).await?;
+        crate::log!("volume: let go of {volume_id}");
+        self.volume_id = None;
+        self.info = None;
+        self.created = false;
+        self.attach_requested = false;
+        self.confirmed = false;
+        self.device = None;
+        Ok(())
     }
 
     async fn find_disk(&mut self, volume_id: &str) -> Result<PathBuf, VolumeError> {
@@ -116,43 +145,41 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         Ok(path)
     }
 
+    /// Checks what is on the disk and makes it an ext4 we can mount; formats only what is
+    /// provably empty ([`fs::decide`]). Returns whether it made a new filesystem.
     async fn prepare_filesystem(
         &mut self,
         volume_id: &str,
         device: &Path,
     ) -> Result<bool, VolumeError> {
         let dev = device.display().to_string();
-        let (size, content) = fs::probe(device).map_err(|e| VolumeError::Device {
+        let unreadable = |e: std::io::Error| VolumeError::Device {
             volume: volume_id.into(),
             detail: format!("cannot read {dev}: {e}"),
-        })?;
-        match content {
-            Content::Blank => {
-                crate::log!(
-                    "volume: {volume_id} is blank ({}, first and last MiB all zeros{}); creating ext4 labelled {}",
-                    gib(size),
-                    if self.created { ", created by this boot" } else { "" },
-                    self.cfg.label
-                );
-                let start = Instant::now();
-                fs::mkfs(&*self.sys, device, &self.cfg.label)
-                    .await
-                    .map_err(|detail| VolumeError::Command {
-                        step: Step::Format,
-                        volume: volume_id.into(),
-                        detail,
-                    })?;
-                crate::log!("volume: formatted in {}", human(start.elapsed()));
+        };
+        let (size, content) = fs::probe(device).map_err(unreadable)?;
+        let info = self.info.clone().unwrap_or_default();
+        let unfinished_first_format = info
+            .tag(TAG_FORMAT)
+            .is_some_and(|t| t.starts_with(FORMAT_STARTED))
+            && info.snapshot_id.is_none();
+        let origin = Origin {
+            created_by_this_boot: self.created,
+            unfinished_first_format,
+        };
+        match fs::decide(&content, origin, || fs::sample(device)).map_err(unreadable)? {
+            Decision::Format(why) => {
+                self.format(volume_id, device, size, &why).await?;
                 Ok(true)
             }
-            Content::Ext4(info) => {
+            Decision::Check(ext4) => {
                 let full = self.needs_full_check;
                 crate::log!(
                     "volume: {volume_id} has ext4 '{}' ({} of {}){}; checking it{}",
-                    info.label,
-                    gib(info.size_bytes()),
+                    ext4.label,
+                    gib(ext4.size_bytes()),
                     gib(size),
-                    if info.needs_recovery {
+                    if ext4.needs_recovery {
                         ", journal needs replay"
                     } else {
                         ""
@@ -164,13 +191,34 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                     }
                 );
                 let start = Instant::now();
-                let verdict = fs::fsck(&*self.sys, device, full).await.map_err(|detail| {
-                    VolumeError::Fsck {
-                        volume: volume_id.into(),
-                        device: dev.clone(),
-                        detail,
+                let (sys, device_owned) = (self.sys.clone(), device.to_path_buf());
+                let verdict = self
+                    .critical
+                    .run(&format!("e2fsck of {volume_id}"), async move {
+                        fs::fsck(&*sys, &device_owned, full).await
+                    })
+                    .await;
+                let verdict = match verdict {
+                    Ok(v) => v,
+                    // Nothing but an unfinished mkfs ever wrote to it: start that again.
+                    Err(detail) if unfinished_first_format => {
+                        self.format(
+                            volume_id,
+                            device,
+                            size,
+                            &format!("its first format by spotinit never finished and left a filesystem e2fsck rejects ({detail})"),
+                        )
+                        .await?;
+                        return Ok(true);
                     }
-                })?;
+                    Err(detail) => {
+                        return Err(VolumeError::Fsck {
+                            volume: volume_id.into(),
+                            device: dev,
+                            detail,
+                        })
+                    }
+                };
                 crate::log!(
                     "volume: filesystem {} in {}{}",
                     match verdict {
@@ -178,26 +226,63 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                         fs::Fsck::Repaired => "repaired",
                     },
                     human(start.elapsed()),
-                    if info.needs_recovery {
+                    if ext4.needs_recovery {
                         " (its journal was replayed)"
                     } else {
                         ""
                     }
                 );
                 self.needs_full_check = false;
+                if unfinished_first_format {
+                    // Its mkfs did finish; only the tag saying so was not written.
+                    select::set_format_tag(&*self.ec2, volume_id, FORMAT_DONE).await?;
+                }
                 Ok(false)
             }
-            Content::Other(what) => Err(VolumeError::ForeignData {
+            Decision::Refuse(found) => Err(VolumeError::ForeignData {
                 volume: volume_id.into(),
                 device: dev,
-                found: format!("a {what} signature"),
-            }),
-            Content::Unknown => Err(VolumeError::ForeignData {
-                volume: volume_id.into(),
-                device: dev,
-                found: "data without any signature spotinit knows".into(),
+                found,
             }),
         }
+    }
+
+    /// The first mkfs, between the `spotinit:format` tags `started` and `done`, run to the end
+    /// even if a shutdown interrupts the boot.
+    async fn format(
+        &mut self,
+        volume_id: &str,
+        device: &Path,
+        size: u64,
+        why: &str,
+    ) -> Result<(), VolumeError> {
+        crate::log!(
+            "volume: {volume_id} is empty ({}: {why}); creating ext4 labelled {}",
+            gib(size),
+            self.cfg.label
+        );
+        let start = Instant::now();
+        select::set_format_tag(&*self.ec2, volume_id, &select::format_started(&self.me)).await?;
+        let (sys, ec2) = (self.sys.clone(), self.ec2.clone());
+        let (device, label, id) = (
+            device.to_path_buf(),
+            self.cfg.label.clone(),
+            volume_id.to_string(),
+        );
+        self.critical
+            .run(&format!("mkfs.ext4 of {volume_id}"), async move {
+                fs::mkfs(&*sys, &device, &label)
+                    .await
+                    .map_err(|detail| VolumeError::Command {
+                        step: Step::Format,
+                        volume: id.clone(),
+                        detail,
+                    })?;
+                select::set_format_tag(&*ec2, &id, FORMAT_DONE).await
+            })
+            .await?;
+        crate::log!("volume: formatted in {}", human(start.elapsed()));
+        Ok(())
     }
 
     /// Mount, check or start the record, bind into place, grow.
@@ -224,6 +309,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             volume: volume_id.into(),
             detail,
         };
+        let mode = self.mode();
         let previous = layout::read_record(&self.paths).map_err(record_err)?;
         let now = layout::rfc3339(SystemTime::now());
         let mut record = match previous {
@@ -233,6 +319,23 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                         volume: volume_id.into(),
                         recorded: r.storage_driver,
                         configured: self.storage_driver.clone(),
+                    });
+                }
+                if !r.mode.is_empty() && r.mode != mode {
+                    return Err(record_err(format!(
+                        "it holds state of volume.mode = \"{}\", but volume.mode is \"{mode}\": the state would not be where that mode looks. Set volume.mode = \"{}\"",
+                        r.mode, r.mode
+                    )));
+                }
+                // State that has been used lives in its directories; an empty directory in
+                // their place would start Docker on nothing.
+                let missing = layout::missing_state_dirs(&self.paths, &mode);
+                if r.boot_count > 0 && !missing.is_empty() {
+                    return Err(VolumeError::StateMissing {
+                        volume: volume_id.into(),
+                        missing,
+                        lost_found: layout::lost_found_entries(&vol_mount),
+                        boots: r.boot_count,
                     });
                 }
                 if r.volume_id != volume_id {
@@ -255,13 +358,24 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                 );
                 r
             }
-            None if fresh || layout::is_empty_fs(&vol_mount) => Record {
-                format: RECORD_FORMAT,
-                storage_driver: self.storage_driver.clone(),
-                created_by: self.me.instance_id.clone(),
-                created_at: now.clone(),
-                ..Record::default()
-            },
+            None if fresh || layout::is_empty_fs(&vol_mount) => {
+                // The state's directories exist before its first record, so a record always
+                // means they did.
+                if self.cfg.mode == VolumeMode::PersistedRoot {
+                    self.seed_root(volume_id, &vol_mount).await?;
+                } else {
+                    layout::create_state_dirs(&self.paths, &mode).map_err(|e| {
+                        record_err(format!("cannot create the state directories: {e}"))
+                    })?;
+                }
+                Record {
+                    format: RECORD_FORMAT,
+                    storage_driver: self.storage_driver.clone(),
+                    created_by: self.me.instance_id.clone(),
+                    created_at: now.clone(),
+                    ..Record::default()
+                }
+            }
             None => {
                 return Err(VolumeError::NoRecord {
                     volume: volume_id.into(),
@@ -273,23 +387,9 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         record.last_boot_at = now;
         record.boot_count += 1;
         record.clean_shutdown = false;
+        record.mode = mode;
         layout::write_record(&self.paths, &record).map_err(record_err)?;
-        if self.cfg.mode == VolumeMode::PersistedRoot {
-            let start = Instant::now();
-            let seeded = pivot::seed(&*self.sys, &self.paths, &vol_mount)
-                .await
-                .map_err(|e| VolumeError::Command {
-                    step: Step::Mount,
-                    volume: volume_id.into(),
-                    detail: e.to_string(),
-                })?;
-            if seeded {
-                crate::log!(
-                    "volume: seeded the persisted root on {volume_id} from the image in {}",
-                    human(start.elapsed())
-                );
-            }
-        } else {
+        if self.cfg.mode != VolumeMode::PersistedRoot {
             for target in
                 layout::bind_state_dirs(&*self.sys, &self.paths).map_err(sys_err(Step::Mount))?
             {
@@ -299,7 +399,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             }
         }
         // Grow online when the volume was enlarged (ModifyVolume) since mkfs or the last grow.
-        if let Ok((size, Content::Ext4(info))) = fs::probe(device) {
+        if let Ok((size, fs::Content::Ext4(info))) = fs::probe(device) {
             if size > info.size_bytes() + (64 << 20) {
                 crate::log!(
                     "volume: growing the filesystem from {} to {}",
@@ -324,46 +424,194 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         })
     }
 
-    fn unmount_all(&mut self) -> Result<(), VolumeError> {
-        while let Some(target) = self.mounts.last().cloned() {
-            let mut tries = 0;
-            loop {
-                match self.sys.umount(&target, false) {
-                    Ok(()) => break,
-                    Err(e) if e.errno == nix::errno::Errno::EBUSY && tries < 20 => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) if e.errno == nix::errno::Errno::EINVAL => break, // not mounted
-                    // Persisted root: "/" is on this volume and cannot be unmounted. Read-only
-                    // is as clean: the journal is flushed and nothing writes any more.
-                    Err(e)
-                        if e.errno == nix::errno::Errno::EBUSY
-                            && self.cfg.mode == VolumeMode::PersistedRoot =>
-                    {
-                        let ro = crate::sys::MsFlags::MS_REMOUNT | crate::sys::MsFlags::MS_RDONLY;
-                        self.sys
-                            .remount(&target, ro)
-                            .map_err(|err| VolumeError::Sys {
-                                step: Step::Unmount,
-                                volume: self.vol(),
-                                err,
-                            })?;
-                        crate::log!("volume: the persisted root is read-only now");
-                        break;
-                    }
-                    Err(err) => {
-                        return Err(VolumeError::Sys {
-                            step: Step::Unmount,
-                            volume: self.vol(),
-                            err,
-                        })
-                    }
-                }
-            }
-            self.mounts.pop();
+    /// Persisted-root mode, a new state: the root is copied from the image before the first
+    /// record is written.
+    async fn seed_root(&self, volume_id: &str, vol_mount: &Path) -> Result<(), VolumeError> {
+        let start = Instant::now();
+        let seeded = pivot::seed(&*self.sys, &self.paths, vol_mount)
+            .await
+            .map_err(|e| VolumeError::Command {
+                step: Step::Mount,
+                volume: volume_id.into(),
+                detail: e.to_string(),
+            })?;
+        if seeded {
+            crate::log!(
+                "volume: seeded the persisted root on {volume_id} from the image in {}",
+                human(start.elapsed())
+            );
         }
         Ok(())
+    }
+
+    /// Unmounts a mount point, waiting out a brief EBUSY (a process just killed). Not mounted
+    /// is fine.
+    async fn umount_patiently(&self, target: &Path) -> Result<(), crate::sys::SysError> {
+        let mut tries = 0;
+        loop {
+            match self.sys.umount(target, false) {
+                Ok(()) => return Ok(()),
+                Err(e) if matches!(e.errno, Errno::EINVAL | Errno::ENOENT) => return Ok(()),
+                Err(e) if e.errno == Errno::EBUSY && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Makes the volume's filesystem read-only for every mount of it, and checks it is.
+    async fn remount_read_only(&self, target: &Path) -> Result<(), String> {
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        let mut tries = 0;
+        loop {
+            match self.sys.remount(target, flags) {
+                Ok(()) => break,
+                // A file still open for writing (a log just closing): a moment.
+                Err(e) if e.errno == Errno::EBUSY && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let vol_mount = self.paths.p(layout::VOLUME_MOUNT);
+        let all = crate::sys::mounts(&self.paths);
+        match all.iter().rev().find(|m| m.mount_point == vol_mount) {
+            Some(m) if !m.fs_read_only() => Err(format!(
+                "{} is still read-write after remounting {} read-only",
+                vol_mount.display(),
+                target.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn mark_shutdown(&self, record: &Record, clean: bool) {
+        let mut r = record.clone();
+        r.clean_shutdown = clean;
+        r.last_shutdown_at = layout::rfc3339(SystemTime::now());
+        if let Err(e) = layout::write_record(&self.paths, &r) {
+            crate::log!("volume: cannot record the shutdown: {e}");
+        }
+    }
+
+    /// Unmounts everything that lives on the volume, deepest first (what Docker left too), marks
+    /// the record clean once nothing else is mounted on it, then unmounts the volume itself. A
+    /// persisted root cannot be unmounted: it is remounted read-only after the record. Whatever
+    /// cannot be unmounted, a read-only filesystem is as safe to detach; if even that fails the
+    /// volume is not detached (an error).
+    async fn put_away(&mut self) -> Result<(), VolumeError> {
+        let vol_mount = self.paths.p(layout::VOLUME_MOUNT);
+        let root = self.paths.p("/");
+        let all = crate::sys::mounts(&self.paths);
+        let Some(device) = all
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == vol_mount)
+            .map(|m| m.device.clone())
+        else {
+            self.mounts.clear();
+            return Ok(());
+        };
+        let others = |all: &[crate::sys::MountInfo]| -> Vec<crate::sys::MountInfo> {
+            layout::mounts_on_volume(all, &self.paths, &device)
+                .into_iter()
+                .filter(|m| m.mount_point != vol_mount && m.mount_point != root)
+                .collect()
+        };
+        let mut left_behind = Vec::new();
+        for m in others(&all) {
+            if !self.mounts.contains(&m.mount_point) {
+                left_behind.push(format!("{} ({})", m.mount_point.display(), m.fstype));
+            }
+            if let Err(e) = self.umount_patiently(&m.mount_point).await {
+                crate::log!("volume: {e}");
+            }
+        }
+        if !left_behind.is_empty() {
+            crate::log!(
+                "volume: unmounted {} left on the state volume: {}",
+                crate::console::count(left_behind.len(), "mount"),
+                left_behind.join(", ")
+            );
+        }
+        let remaining = others(&crate::sys::mounts(&self.paths));
+        let record = self.mounted.take().map(|m| m.record);
+        let persisted = self.cfg.mode == VolumeMode::PersistedRoot;
+        if remaining.is_empty() {
+            // Nothing else can write to it now: the shutdown is clean.
+            if let Some(r) = &record {
+                self.mark_shutdown(r, true);
+            }
+            self.sys.sync();
+            if persisted {
+                return match self.remount_read_only(&root).await {
+                    Ok(()) => {
+                        crate::log!("volume: the persisted root is read-only now");
+                        let _ = self.sys.umount(&vol_mount, false);
+                        self.mounts.clear();
+                        Ok(())
+                    }
+                    Err(detail) => {
+                        if let Some(r) = &record {
+                            self.mark_shutdown(r, false);
+                        }
+                        Err(VolumeError::StillMounted {
+                            volume: self.vol(),
+                            detail: format!("/ is on it and cannot be made read-only: {detail}"),
+                        })
+                    }
+                };
+            }
+            match self.umount_patiently(&vol_mount).await {
+                Ok(())
+                    if !crate::sys::mounts(&self.paths)
+                        .iter()
+                        .any(|m| m.device == device) =>
+                {
+                    self.mounts.clear();
+                    return Ok(());
+                }
+                Ok(()) => crate::log!(
+                    "volume: {} is unmounted but its filesystem is still mounted elsewhere",
+                    vol_mount.display()
+                ),
+                Err(e) => crate::log!("volume: {e}"),
+            }
+        }
+        // Something still holds it. A read-only filesystem is consistent on the disk.
+        let holders: Vec<String> = others(&crate::sys::mounts(&self.paths))
+            .iter()
+            .map(|m| format!("{} ({})", m.mount_point.display(), m.fstype))
+            .collect();
+        let target = if persisted { &root } else { &vol_mount };
+        match self.remount_read_only(target).await {
+            Ok(()) => {
+                crate::log!(
+                    "volume: could not unmount everything on it ({}); its filesystem is read-only now, so it is detached consistent",
+                    if holders.is_empty() {
+                        "the volume itself".to_string()
+                    } else {
+                        holders.join(", ")
+                    }
+                );
+                self.mounts.clear();
+                Ok(())
+            }
+            Err(detail) => Err(VolumeError::StillMounted {
+                volume: self.vol(),
+                detail: format!(
+                    "{}; making it read-only failed: {detail}",
+                    if holders.is_empty() {
+                        format!("{} is busy", vol_mount.display())
+                    } else {
+                        format!("still mounted: {}", holders.join(", "))
+                    }
+                ),
+            }),
+        }
     }
 }
 
@@ -382,6 +630,7 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
                 let s = select::select(&*self.ec2, &self.cfg, &self.me).await?;
                 self.created = s.created;
                 self.volume_id = Some(s.volume.id.clone());
+                self.info = Some(s.volume.clone());
                 s.volume.id
             }
         };
@@ -389,6 +638,19 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
         self.attach_requested = true;
         let a = attach::attach_exclusive(&*self.ec2, &volume_id, &self.cfg, &self.me).await?;
         self.needs_full_check |= a.forced;
+        if !self.confirmed {
+            match select::confirm_current(&*self.ec2, &volume_id, &self.me).await {
+                Ok(info) => {
+                    self.info = Some(info);
+                    self.confirmed = true;
+                }
+                Err(e @ VolumeError::Superseded { .. }) => {
+                    self.let_go(&volume_id).await?;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let device = self.find_disk(&volume_id).await?;
         let fresh = if self.mounts.is_empty() {
             self.prepare_filesystem(&volume_id, &device).await?
@@ -404,20 +666,11 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
     }
 
     async fn release(&mut self) -> Result<(), VolumeError> {
-        if let Some(m) = self.mounted.take() {
-            let mut r = m.record;
-            r.clean_shutdown = true;
-            r.last_shutdown_at = layout::rfc3339(SystemTime::now());
-            if let Err(e) = layout::write_record(&self.paths, &r) {
-                crate::log!("volume: cannot mark the shutdown clean: {e}");
-            }
-        }
         self.sys.sync();
         let start = Instant::now();
-        let had_mounts = !self.mounts.is_empty();
-        // Never detach a volume that is still mounted: better a slow release than a torn disk.
-        self.unmount_all()?;
-        if had_mounts {
+        if !self.mounts.is_empty() {
+            // Never detach a volume that is still mounted read-write.
+            self.put_away().await?;
             crate::log!("volume: unmounted in {}", human(start.elapsed()));
         }
         self.device = None;
@@ -427,5 +680,9 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
             self.attach_requested = false;
         }
         Ok(())
+    }
+
+    async fn finish_critical(&self, deadline: Option<Instant>) -> Finished {
+        self.critical.finish(deadline).await
     }
 }

@@ -1,9 +1,13 @@
-//! What is on the volume, and making it usable: the signature probe, mkfs only on a blank
-//! volume, fsck, and growing the filesystem when the volume was enlarged.
+//! What is on the volume, and making it usable: the signature probe, mkfs only on a volume that
+//! is provably empty, fsck, and growing the filesystem when the volume was enlarged.
 //!
-//! The probe reads the first and last MiB. A volume is *blank* only when both are all zeros (a
-//! fresh EBS volume reads as zeros). Anything else that is not ext2/3/4 is refused by name, or
-//! as unknown data: spotinit never formats a volume that holds anything.
+//! The probe reads the first and last MiB. Zeros there are not proof of an empty volume (an ext4
+//! whose head was overwritten, a filesystem at an offset): [`decide`] formats without more only a
+//! volume this boot created from nothing, or one whose only writer ever was an unfinished first
+//! `mkfs` of spotinit's (the volume's `spotinit:format` tag says so). Any other volume is
+//! formatted only when [`sample`] — every place an ext4 keeps a backup superblock, and many
+//! regions spread over the whole device — reads zeros too. Anything else is refused by name:
+//! spotinit never formats a volume that holds anything.
 
 use crate::sys::{run_code, CommandSpec, System};
 use std::io::{Read, Seek, SeekFrom};
@@ -119,14 +123,154 @@ fn ext4(head: &[u8]) -> Option<Ext4Info> {
     })
 }
 
-/// mkfs.ext4 with a label. Lazy inode-table and journal init keep it fast on large volumes.
+/// What a wider look at a device found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sample {
+    /// Every sampled region reads zeros.
+    Zeros { regions: usize, bytes: u64 },
+    /// An ext2/3/4 backup superblock: the filesystem is there, its primary superblock is gone.
+    BackupSuperblock { block: u64, block_size: u64 },
+    /// Non-zero data at this byte offset.
+    Data { offset: u64 },
+}
+
+/// Regions spread evenly over the device, besides the superblock locations.
+const SPREAD_REGIONS: u64 = 1024;
+const REGION_BYTES: usize = 4096;
+
+/// Byte offsets where an ext2/3/4 filesystem keeps backup superblocks, for every block size
+/// mke2fs uses: the start of groups 1 and the powers of 3, 5 and 7 (sparse_super), and the
+/// second and last group (sparse_super2). A group holds 8 × block_size blocks.
+pub fn backup_superblock_offsets(size: u64) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    for block_size in [1024u64, 2048, 4096, 65536] {
+        let group_bytes = 8 * block_size * block_size;
+        let groups = size / group_bytes;
+        let mut g = std::collections::BTreeSet::from([1u64, groups.saturating_sub(1)]);
+        for base in [3u64, 5, 7] {
+            let mut p = base;
+            while p < groups {
+                g.insert(p);
+                p = p.saturating_mul(base);
+            }
+        }
+        for group in g.into_iter().filter(|g| *g >= 1 && *g < groups) {
+            // With 1 KiB blocks the first group starts at block 1 (block 0 is the boot block).
+            let first_block = group * 8 * block_size + u64::from(block_size == 1024);
+            out.push((first_block * block_size, first_block, block_size));
+        }
+    }
+    out
+}
+
+/// Reads every ext4 backup-superblock location and [`SPREAD_REGIONS`] regions spread over the
+/// device (a few MiB in all): the proof an unknown volume needs before it may be formatted.
+pub fn sample(device: &Path) -> std::io::Result<Sample> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(device)?;
+    // A block device's metadata says 0 bytes: its size is where its end is.
+    let size = (&f).seek(SeekFrom::End(0))?;
+    let mut buf = vec![0u8; REGION_BYTES];
+    let mut regions = 0;
+    let read = |offset: u64, buf: &mut [u8]| -> std::io::Result<usize> {
+        let n = (size.saturating_sub(offset)).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], offset)?;
+        Ok(n)
+    };
+    for (offset, block, block_size) in backup_superblock_offsets(size) {
+        let n = read(offset, &mut buf)?;
+        regions += 1;
+        if n >= 1024 && buf[56..58] == [0x53, 0xef] {
+            return Ok(Sample::BackupSuperblock { block, block_size });
+        }
+        if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+            return Ok(Sample::Data {
+                offset: offset + i as u64,
+            });
+        }
+    }
+    let step = (size / SPREAD_REGIONS).max(REGION_BYTES as u64);
+    let mut offset = 0;
+    while offset < size {
+        let n = read(offset, &mut buf)?;
+        regions += 1;
+        if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+            return Ok(Sample::Data {
+                offset: offset + i as u64,
+            });
+        }
+        offset += step;
+    }
+    Ok(Sample::Zeros {
+        regions,
+        bytes: regions as u64 * REGION_BYTES as u64,
+    })
+}
+
+/// Where a volume came from, as far as formatting it is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// This boot created it from nothing (no snapshot): it was zeros when it arrived.
+    pub created_by_this_boot: bool,
+    /// spotinit created it from nothing and began its first mkfs, which never finished: nothing
+    /// but that mkfs ever wrote to it (the `spotinit:format` tag).
+    pub unfinished_first_format: bool,
+}
+
+/// What to do with the volume's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Make a new filesystem; the reason, for the console.
+    Format(String),
+    /// Check the ext4 that is there.
+    Check(Ext4Info),
+    /// Leave it alone: what was found, for the error.
+    Refuse(String),
+}
+
+/// Formats only what is provably empty (module docs). `sample` runs only when it is needed.
+pub fn decide(
+    content: &Content,
+    origin: Origin,
+    sample: impl FnOnce() -> std::io::Result<Sample>,
+) -> std::io::Result<Decision> {
+    Ok(match content {
+        Content::Ext4(info) => Decision::Check(info.clone()),
+        Content::Blank if origin.created_by_this_boot => Decision::Format(
+            "first and last MiB all zeros, created by this boot".into(),
+        ),
+        Content::Blank | Content::Unknown if origin.unfinished_first_format => Decision::Format(
+            "its first format by spotinit never finished (spotinit:format tag); nothing else ever wrote to it".into(),
+        ),
+        Content::Blank => match sample()? {
+            Sample::Zeros { regions, bytes } => Decision::Format(format!(
+                "all zeros in the first and last MiB, at every ext4 backup-superblock location and in {regions} regions spread over it ({} KiB read)",
+                bytes / 1024
+            )),
+            Sample::BackupSuperblock { block, block_size } => Decision::Refuse(format!(
+                "an ext4 filesystem whose primary superblock is gone (a backup superblock is at block {block}, block size {block_size}; e2fsck -b {block} -B {block_size} may recover it)"
+            )),
+            Sample::Data { offset } => Decision::Refuse(format!(
+                "data at byte {offset}, although its first and last MiB are zeros (a filesystem at an offset, or one whose start was overwritten)"
+            )),
+        },
+        Content::Other(what) => Decision::Refuse(format!("a {what} signature")),
+        Content::Unknown => {
+            Decision::Refuse("data without any signature spotinit knows".into())
+        }
+    })
+}
+
+/// mkfs.ext4 with a label. Lazy inode-table and journal init keep it fast on large volumes;
+/// `nodiscard` because a new EBS volume reads as zeros already, and a discard is the one thing
+/// that would make a mistake unrecoverable.
 pub async fn mkfs<S: System + ?Sized>(sys: &S, device: &Path, label: &str) -> Result<(), String> {
     let cmd = CommandSpec::new("/usr/sbin/mkfs.ext4").args([
         "-q",
         "-L",
         label,
         "-E",
-        "lazy_itable_init=1,lazy_journal_init=1",
+        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
         &device.to_string_lossy(),
     ]);
     crate::sys::run(sys, &cmd).await
@@ -221,6 +365,121 @@ mod tests {
         let mut h = vec![0u8; 1 << 20];
         h[0..6].copy_from_slice(b"LUKS\xba\xbe");
         assert_eq!(classify(&h, &[]), Content::Other("LUKS encryption"));
+    }
+
+    fn file_with(name: &str, size: u64, writes: &[(u64, &[u8])]) -> std::path::PathBuf {
+        use std::io::Write;
+        let p = std::env::temp_dir().join(format!("spotinit-{name}-{}", std::process::id()));
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.set_len(size).unwrap();
+        for (off, data) in writes {
+            f.seek(SeekFrom::Start(*off)).unwrap();
+            f.write_all(data).unwrap();
+        }
+        p
+    }
+
+    const NEW: Origin = Origin {
+        created_by_this_boot: true,
+        unfinished_first_format: false,
+    };
+    const FOUND: Origin = Origin {
+        created_by_this_boot: false,
+        unfinished_first_format: false,
+    };
+    const UNFINISHED: Origin = Origin {
+        created_by_this_boot: false,
+        unfinished_first_format: true,
+    };
+
+    #[test]
+    fn backup_superblocks_are_where_mke2fs_puts_them() {
+        let offs = backup_superblock_offsets(1 << 30);
+        // 4 KiB blocks: group 1 at block 32768, group 3 at 98304, group 5, 7 (1 GiB = 8 groups).
+        for block in [32768u64, 98304, 163840, 229376] {
+            assert!(offs.contains(&(block * 4096, block, 4096)), "{block}");
+        }
+        // 1 KiB blocks: group 1 starts at block 8193.
+        assert!(offs.contains(&(8193 * 1024, 8193, 1024)));
+        assert!(offs.iter().all(|(o, _, _)| *o < 1 << 30));
+    }
+
+    #[test]
+    fn only_a_volume_created_blank_or_an_unfinished_first_format_skips_the_sample() {
+        let never = || -> std::io::Result<Sample> { panic!("no sample needed") };
+        let z = vec![0u8; 1 << 20];
+        let blank = classify(&z, &z);
+        assert!(matches!(
+            decide(&blank, NEW, never).unwrap(),
+            Decision::Format(_)
+        ));
+        assert!(matches!(
+            decide(&Content::Unknown, UNFINISHED, never).unwrap(),
+            Decision::Format(_)
+        ));
+        assert!(matches!(
+            decide(&Content::Other("xfs"), UNFINISHED, never).unwrap(),
+            Decision::Refuse(_)
+        ));
+        assert!(matches!(
+            decide(&Content::Unknown, NEW, never).unwrap(),
+            Decision::Refuse(_)
+        ));
+        // A found volume that is blank where the probe looks is sampled, and refused on data.
+        let d = decide(&blank, FOUND, || Ok(Sample::Data { offset: 77 << 20 })).unwrap();
+        assert!(
+            matches!(&d, Decision::Refuse(r) if r.contains("data at byte 80740352")),
+            "{d:?}"
+        );
+        let d = decide(&blank, FOUND, || {
+            Ok(Sample::BackupSuperblock {
+                block: 32768,
+                block_size: 4096,
+            })
+        })
+        .unwrap();
+        assert!(
+            matches!(&d, Decision::Refuse(r) if r.contains("primary superblock is gone")),
+            "{d:?}"
+        );
+        let d = decide(&blank, FOUND, || {
+            Ok(Sample::Zeros {
+                regions: 9,
+                bytes: 36864,
+            })
+        })
+        .unwrap();
+        assert!(matches!(d, Decision::Format(_)));
+    }
+
+    #[test]
+    fn the_sample_finds_an_ext4_whose_head_was_zeroed_and_data_at_an_offset() {
+        let size = 1u64 << 30;
+        // The magic of a backup superblock at group 1 (4 KiB blocks), as mke2fs leaves it.
+        let p = file_with("bsb", size, &[(32768 * 4096 + 56, &[0x53, 0xef])]);
+        assert_eq!(
+            sample(&p).unwrap(),
+            Sample::BackupSuperblock {
+                block: 32768,
+                block_size: 4096
+            }
+        );
+        std::fs::remove_file(&p).unwrap();
+        // A byte in the middle of the device, where no superblock lives.
+        let off = 300 * (1u64 << 20) + 12345;
+        let step = size / SPREAD_REGIONS;
+        let region_start = off / step * step;
+        let p = file_with("mid", size, &[(region_start + 100, b"x")]);
+        assert_eq!(
+            sample(&p).unwrap(),
+            Sample::Data {
+                offset: region_start + 100
+            }
+        );
+        std::fs::remove_file(&p).unwrap();
+        let p = file_with("zeros", size, &[]);
+        assert!(matches!(sample(&p).unwrap(), Sample::Zeros { regions, .. } if regions > 1000));
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

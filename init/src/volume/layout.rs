@@ -32,6 +32,9 @@ pub struct Record {
     pub boot_count: u64,
     pub clean_shutdown: bool,
     pub last_shutdown_at: String,
+    /// `docker` or `persisted-root`: where on the volume the state lives (empty in records
+    /// written before spotinit kept it).
+    pub mode: String,
 }
 
 pub fn record_path(paths: &Paths) -> PathBuf {
@@ -67,14 +70,84 @@ pub fn write_record(paths: &Paths, r: &Record) -> Result<(), String> {
     Ok(())
 }
 
-/// True when a filesystem root holds nothing but `lost+found` (a fresh mkfs).
+/// True when a filesystem root holds nothing but an empty `lost+found` (a fresh mkfs). A
+/// `lost+found` with entries is what an fsck leaves of lost files: not empty.
 pub fn is_empty_fs(root: &Path) -> bool {
     std::fs::read_dir(root)
         .map(|rd| {
-            rd.flatten()
-                .all(|e| e.file_name() == "lost+found" || e.file_name() == ".spotinit")
+            rd.flatten().all(|e| {
+                (e.file_name() == "lost+found" && lost_found_entries(root) == 0)
+                    || e.file_name() == ".spotinit"
+            })
         })
         .unwrap_or(false)
+}
+
+/// How many entries the filesystem's `lost+found` holds.
+pub fn lost_found_entries(root: &Path) -> usize {
+    std::fs::read_dir(root.join("lost+found"))
+        .map(|rd| rd.count())
+        .unwrap_or(0)
+}
+
+/// The directories on the volume that hold the state in `mode` (docker, persisted-root).
+pub fn state_dirs(mode: &str) -> &'static [&'static str] {
+    if mode == "persisted-root" {
+        &[super::pivot::ROOTFS]
+    } else {
+        &["docker", "containerd"]
+    }
+}
+
+/// Creates the state directories on a new state's volume, durably, before its first record:
+/// from then on a record always means they existed.
+pub fn create_state_dirs(paths: &Paths, mode: &str) -> std::io::Result<()> {
+    let vol = paths.p(VOLUME_MOUNT);
+    if mode != "persisted-root" {
+        for dir in state_dirs(mode) {
+            std::fs::create_dir_all(vol.join(dir))?;
+        }
+    }
+    std::fs::File::open(&vol)?.sync_all()
+}
+
+/// Which of the state directories are missing on the mounted volume.
+pub fn missing_state_dirs(paths: &Paths, mode: &str) -> Vec<String> {
+    let vol = paths.p(VOLUME_MOUNT);
+    state_dirs(mode)
+        .iter()
+        .filter(|d| !vol.join(d).is_dir())
+        .map(|d| format!("{d}/"))
+        .collect()
+}
+
+/// Everything that lives on the state volume: every mount of its filesystem (`device`,
+/// major:minor), everything mounted below where it or its directories are mounted (container
+/// overlays, their shm and netns mounts, anything a container left), and overlays made of
+/// directories on it. Deepest first, so each can be unmounted in this order.
+pub fn mounts_on_volume(
+    all: &[crate::sys::MountInfo],
+    paths: &Paths,
+    device: &str,
+) -> Vec<crate::sys::MountInfo> {
+    let roots: Vec<PathBuf> = std::iter::once(VOLUME_MOUNT)
+        .chain(BINDS.iter().map(|(_, t)| *t))
+        .map(|p| paths.p(p))
+        .collect();
+    let under = |p: &Path| roots.iter().any(|r| p.starts_with(r));
+    let mut on: Vec<(usize, crate::sys::MountInfo)> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| {
+            m.device == device || under(&m.mount_point) || m.overlay_dirs().iter().any(|d| under(d))
+        })
+        .map(|(i, m)| (i, m.clone()))
+        .collect();
+    on.sort_by(|(ia, a), (ib, b)| {
+        let depth = |m: &crate::sys::MountInfo| m.mount_point.components().count();
+        depth(b).cmp(&depth(a)).then(ib.cmp(ia))
+    });
+    on.into_iter().map(|(_, m)| m).collect()
 }
 
 /// Mounts the volume's filesystem at [`VOLUME_MOUNT`].
@@ -96,7 +169,8 @@ pub fn mount_volume<S: System + ?Sized>(
     Ok(target)
 }
 
-/// Creates the directories on the volume and binds them into place. Returns the bind targets.
+/// Binds the volume's state directories into place (they exist: the record says so). Returns
+/// the bind targets.
 pub fn bind_state_dirs<S: System + ?Sized>(
     sys: &S,
     paths: &Paths,
@@ -106,10 +180,8 @@ pub fn bind_state_dirs<S: System + ?Sized>(
     for (dir, target) in BINDS {
         let src = vol.join(dir);
         let dst = paths.p(target);
-        for d in [&src, &dst] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| SysError::io("mkdir", d.display().to_string(), &e))?;
-        }
+        std::fs::create_dir_all(&dst)
+            .map_err(|e| SysError::io("mkdir", dst.display().to_string(), &e))?;
         sys.mount(&MountSpec::bind(src, dst.clone()))?;
         done.push(dst);
     }
@@ -178,6 +250,55 @@ mod tests {
             rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "2000-02-29T00:00:00Z"
         );
+    }
+
+    fn mi(line: &str) -> crate::sys::MountInfo {
+        crate::sys::parse_mountinfo(line).remove(0)
+    }
+
+    #[test]
+    fn everything_on_the_volume_deepest_first() {
+        let all = [
+            mi("22 1 259:2 / / ro - erofs /dev/nvme0n1p2 ro"),
+            mi("30 22 0:25 / /run rw - tmpfs tmpfs rw"),
+            mi("40 30 259:5 / /run/spotinit/volume rw - ext4 /dev/nvme1n1 rw"),
+            mi("41 22 259:5 /docker /var/lib/docker rw - ext4 /dev/nvme1n1 rw"),
+            mi("42 22 259:5 /containerd /var/lib/containerd rw - ext4 /dev/nvme1n1 rw"),
+            mi("50 41 0:60 / /var/lib/docker/overlay2/abc/merged rw - overlay overlay rw,lowerdir=/var/lib/docker/overlay2/l/A,upperdir=/var/lib/docker/overlay2/abc/diff,workdir=/var/lib/docker/overlay2/abc/work"),
+            mi("51 41 0:61 / /var/lib/docker/containers/abc/mounts/shm rw - tmpfs shm rw"),
+            mi("52 30 0:4 net:[4026532] /run/docker/netns/abc rw - nsfs nsfs rw"),
+            mi("53 30 0:62 / /run/containerd/io.containerd.runtime.v2.task/moby/abc/rootfs rw - overlay overlay rw,lowerdir=/var/lib/docker/overlay2/l/A,upperdir=/var/lib/docker/overlay2/abc/diff,workdir=/var/lib/docker/overlay2/abc/work"),
+            mi("54 22 259:5 /docker/volumes /mnt/elsewhere rw - ext4 /dev/nvme1n1 rw"),
+        ];
+        let on = mounts_on_volume(&all, &Paths::real(), "259:5");
+        let points: Vec<String> = on
+            .iter()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
+        assert_eq!(
+            points,
+            [
+                "/var/lib/docker/containers/abc/mounts/shm",
+                "/run/containerd/io.containerd.runtime.v2.task/moby/abc/rootfs",
+                "/var/lib/docker/overlay2/abc/merged",
+                "/var/lib/containerd",
+                "/var/lib/docker",
+                "/run/spotinit/volume",
+                "/mnt/elsewhere",
+            ]
+        );
+    }
+
+    #[test]
+    fn lost_and_found_with_entries_is_not_empty() {
+        let root = std::env::temp_dir().join(format!("spotinit-lf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("lost+found")).unwrap();
+        assert!(is_empty_fs(&root));
+        std::fs::write(root.join("lost+found/#12"), "x").unwrap();
+        assert!(!is_empty_fs(&root));
+        assert_eq!(lost_found_entries(&root), 1);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

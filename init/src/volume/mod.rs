@@ -37,6 +37,12 @@ pub trait VolumePhase: Send {
     /// After Docker stopped: mark the shutdown clean, unmount, detach. Safe to call when the
     /// acquire got only part of the way (or nowhere).
     fn release(&mut self) -> impl Future<Output = Result<(), VolumeError>> + Send;
+    /// Before the drain stops every process: lets work that must not be cut off (a first mkfs,
+    /// an fsck) finish, until `deadline`.
+    fn finish_critical(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> impl Future<Output = crate::critical::Finished> + Send;
 }
 
 /// The step that failed.
@@ -147,6 +153,38 @@ pub enum VolumeError {
     },
     /// The record is unreadable or belongs to another volume.
     Record { volume: String, detail: String },
+    /// The `superseded-by` chain from a volume does not end at a volume that holds the state.
+    Lineage { volume: String, detail: String },
+    /// The volume was superseded (moved to another zone) after this instance chose it.
+    Superseded { volume: String, by: String },
+    /// A live instance is moving the volume into its zone.
+    BeingMoved {
+        volume: String,
+        by: String,
+        zone: String,
+        since: String,
+    },
+    /// This instance's move lost a race to another instance's copy; its own copy was dropped.
+    MoveLost {
+        volume: String,
+        copy: String,
+        winner: String,
+    },
+    /// The source was taken by another instance while this one copied it; the copy was dropped.
+    MoveAbandoned {
+        volume: String,
+        copy: String,
+        why: String,
+    },
+    /// Something still holds the volume's filesystem read-write at shutdown: not detached.
+    StillMounted { volume: String, detail: String },
+    /// The volume once held Docker state, and that state is not where it belongs.
+    StateMissing {
+        volume: String,
+        missing: Vec<String>,
+        lost_found: usize,
+        boots: u64,
+    },
 }
 
 impl VolumeError {
@@ -163,7 +201,11 @@ impl VolumeError {
             VolumeError::HeldByRunning { .. }
             | VolumeError::NotReleased { .. }
             | VolumeError::Timeout { .. }
-            | VolumeError::Device { .. } => true,
+            | VolumeError::Device { .. }
+            | VolumeError::Superseded { .. }
+            | VolumeError::BeingMoved { .. }
+            | VolumeError::MoveLost { .. }
+            | VolumeError::MoveAbandoned { .. } => true,
             _ => false,
         }
     }
@@ -225,6 +267,51 @@ impl fmt::Display for VolumeError {
             ),
             VolumeError::Record { volume, detail } => {
                 write!(f, "state volume {volume}: {detail}")
+            }
+            VolumeError::Lineage { volume, detail } => write!(
+                f,
+                "cannot tell which volume holds the state that began on {volume}: {detail}. Find the volume with the latest state and set volume.id to it (or tag only that one)"
+            ),
+            VolumeError::Superseded { volume, by } => write!(
+                f,
+                "state volume {volume} was moved to {by} while this instance took it; letting it go to follow the state to {by}"
+            ),
+            VolumeError::BeingMoved { volume, by, zone, since } => write!(
+                f,
+                "state volume {volume} is being moved into {zone} by instance {by} (since {since}); this instance will not use it meanwhile and looks again"
+            ),
+            VolumeError::MoveLost { volume, copy, winner } => write!(
+                f,
+                "another instance moved state volume {volume} at the same time; its copy {winner} continues the state, so this instance's copy {copy} was dropped (never used). Looking again"
+            ),
+            VolumeError::MoveAbandoned { volume, copy, why } => write!(
+                f,
+                "gave up moving state volume {volume}: {why}. The copy {copy} was dropped (never used); {volume} keeps the state"
+            ),
+            VolumeError::StillMounted { volume, detail } => write!(
+                f,
+                "state volume {volume} is still mounted read-write ({detail}), so it is not detached: detaching a live filesystem could tear it. EC2 releases it when this instance is gone, and the next instance replays its journal"
+            ),
+            VolumeError::StateMissing { volume, missing, lost_found, boots } => {
+                write!(
+                    f,
+                    "state volume {volume} has held Docker state ({boots} boots by its record), but {} missing",
+                    if missing.len() == 1 {
+                        format!("{} is", missing[0])
+                    } else {
+                        format!("{} are", missing.join(" and "))
+                    }
+                )?;
+                if *lost_found > 0 {
+                    write!(
+                        f,
+                        "; lost+found/ holds {lost_found} entries (an fsck may have put it there)"
+                    )?;
+                }
+                write!(
+                    f,
+                    ". Docker must not start on an empty directory in its place. Attach the volume to another instance, put the state back (from lost+found/, a snapshot or a backup), or point volume.id/volume.tags at the right volume"
+                )
             }
         }
     }
