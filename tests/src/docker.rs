@@ -56,6 +56,8 @@ pub struct ContainerSpec {
     pub volume: Option<(String, String)>,
     /// (host port, container port), TCP.
     pub publish: Option<(u16, u16)>,
+    /// `--privileged --pid=host`: sees and may act on the host's processes and mounts.
+    pub host_powers: bool,
 }
 
 impl Docker {
@@ -217,6 +219,10 @@ impl Docker {
         }
         if let Some((volume, path)) = &spec.volume {
             host["Binds"] = json!([format!("{volume}:{path}")]);
+        }
+        if spec.host_powers {
+            host["Privileged"] = json!(true);
+            host["PidMode"] = json!("host");
         }
         let mut body = json!({
             "Image": spec.image,
@@ -477,6 +483,7 @@ pub fn counter_container() -> ContainerSpec {
         restart_always: true,
         volume: Some((COUNTER_VOLUME.into(), "/data".into())),
         publish: Some((crate::world::SERVICE_PORT, 80)),
+        host_powers: false,
     }
 }
 

@@ -756,6 +756,8 @@ impl Drop for SimInstance {
 pub struct UserData {
     /// The volume's `Name` tag (one per test, so worlds never share a volume by accident).
     pub volume_name: String,
+    /// `volume.id`: this volume (and wherever its state moved), whatever the tags say.
+    pub volume_id: Option<String>,
     pub size_gib: u32,
     pub create: bool,
     pub storage_driver: String,
@@ -776,6 +778,7 @@ impl UserData {
     pub fn new(volume_name: &str) -> UserData {
         UserData {
             volume_name: volume_name.to_owned(),
+            volume_id: None,
             size_gib: 1,
             create: true,
             storage_driver: "overlay2".into(),
@@ -802,6 +805,9 @@ impl UserData {
             self.volume_name,
             self.storage_driver
         );
+        if let Some(id) = &self.volume_id {
+            t = t.replacen("[volume]\n", &format!("[volume]\nid = \"{id}\"\n"), 1);
+        }
         if self.docker_api {
             t.push_str(&format!(
                 "daemon = {{ hosts = [\"tcp://0.0.0.0:{DOCKER_API_PORT}\"] }}\n"

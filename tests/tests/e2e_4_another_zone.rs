@@ -1,7 +1,10 @@
 //! Scenario 4, another zone: the state volume lives in us-east-1a; the next instance is launched
 //! in us-east-1b, where EBS cannot attach it. spotinit snapshots it, creates the copy in its own
 //! zone with the same tags (and `spotinit:moved-from`), marks the old one superseded, and the
-//! container comes back on the copy with the same counter.
+//! container comes back on the copy with the same counter. Then an instance back in us-east-1a
+//! whose user data pins `volume.id` to the old volume — which sits right there, available and
+//! stale — follows the `superseded-by` tag to the live copy instead, and moves that one back:
+//! the counter it serves is the copy's, never the old volume's.
 //!
 //! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_4_another_zone -- --nocapture`
 
@@ -98,5 +101,47 @@ async fn the_volume_follows_the_instance_into_another_zone_through_a_snapshot() 
             .any(|s| s.volume_id == old && Some(&s.id) == n.snapshot_id.as_ref()),
         "{snaps:?}"
     );
+    report("d: the state moved to us-east-1b, counter at 4", t0);
+
+    // Back in us-east-1a, pinned to the old volume's id.
+    let mut c = d.console_from_now();
+    d.powerdown().await.unwrap();
+    expect(&mut c, &format!("volume: {new} detached in"), STEP).await;
+    assert!(d.wait_poweroff(STEP).await.unwrap(), "{}", d.diagnostics());
+    d.reclaim().await.unwrap();
+    let mut ud = UserData::new("e2e-4");
+    ud.docker_api = false;
+    ud.volume_id = Some(old.clone());
+    let e = world
+        .launch(InstanceSpec::new("e", "us-east-1a").user_data(ud.to_toml()))
+        .await
+        .unwrap();
+    let mut c = e.console();
+    expect(
+        &mut c,
+        &format!("volume: {old} was moved to {new} in us-east-1b"),
+        BOOT,
+    )
+    .await;
+    expect(
+        &mut c,
+        &format!("volume: {new} is in us-east-1b, this instance in us-east-1a: moving it here"),
+        STEP,
+    )
+    .await;
+    let back = expect(&mut c, &format!("volume: {new} now continues as "), STEP).await;
+    e.wait_ready(BOOT).await.unwrap();
+    never(&e, "creating ext4");
+    never(&e, &format!("volume: attaching {old} "));
+    println!("e: {}", back.text);
+    let counter = Counter {
+        port: e.service_port().unwrap(),
+    };
+    assert_eq!(
+        counter.wait_value(STEP).await.unwrap(),
+        4,
+        "the live state, not the old volume's 3"
+    );
+    assert_eq!(counter.increment().await.unwrap(), 5);
     report("scenario 4", t0);
 }
