@@ -3,18 +3,28 @@
 //! request), then wait for a request, then the one drain, then what the request says.
 
 use crate::boot::{boot, BootError, BootState, Machine, Mode, Platform};
+#[cfg(feature = "aws")]
 use crate::cloud::ec2::{endpoint, Ec2Client};
+#[cfg(feature = "aws")]
 use crate::cloud::imds::Imds;
+#[cfg(feature = "aws")]
 use crate::cloud::{CloudError, Identity};
 use crate::config::{Config, FailureAction};
 use crate::shutdown::{drain, Request, Then};
+#[cfg(feature = "aws")]
 use crate::sys::{Linux, Paths, PowerAction, System};
+#[cfg(not(feature = "aws"))]
+use crate::sys::System;
+#[cfg(feature = "aws")]
 use crate::volume::device::DeviceWatcher;
+#[cfg(feature = "aws")]
 use crate::volume::ebs::EbsVolume;
+#[cfg(feature = "aws")]
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// IMDS, EC2 and EBS.
+#[cfg(feature = "aws")]
 pub struct Aws<S: System> {
     pub sys: Arc<S>,
     pub paths: Paths,
@@ -24,6 +34,7 @@ pub struct Aws<S: System> {
     events: std::sync::Mutex<Option<mpsc::UnboundedReceiver<crate::lifecycle::Event>>>,
 }
 
+#[cfg(feature = "aws")]
 impl<S: System> Aws<S> {
     pub fn new(sys: Arc<S>, paths: Paths) -> Self {
         Aws {
@@ -48,6 +59,7 @@ impl<S: System> Aws<S> {
     }
 }
 
+#[cfg(feature = "aws")]
 impl<S: System> Platform for Aws<S> {
     type Meta = Imds;
     type Volume = EbsVolume<Ec2Client, S>;
@@ -182,6 +194,7 @@ fn notify_ready() {
     }
 }
 
+#[cfg(feature = "aws")]
 /// One malloc arena for the whole process. The runtime is single-threaded, but tokio's blocking
 /// pool (DNS, files) would get an arena per thread from glibc, each holding partly used pages;
 /// PID 1 allocates little and never in a hurry, so one arena keeps its memory small and steady.
@@ -194,6 +207,7 @@ fn one_malloc_arena() {
 }
 
 /// PID 1. Never returns: it ends in power-off, reboot, or waiting.
+#[cfg(feature = "aws")]
 pub fn pid1() -> ! {
     one_malloc_arena();
     install_panic_hook();
@@ -250,6 +264,7 @@ pub fn pid1() -> ! {
     }
 }
 
+#[cfg(feature = "aws")]
 /// After a panic nothing async can be trusted: plain syscalls only. Stop everything, sync,
 /// unmount the state volume if it is mounted (the volume stays attached; the next instance
 /// waits for EC2 to release it, and the journal covers the rest).
@@ -276,6 +291,7 @@ fn emergency() {
     sys.sync();
 }
 
+#[cfg(feature = "aws")]
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         crate::log!("panic: {info}");
@@ -283,6 +299,7 @@ fn install_panic_hook() {
 }
 
 /// Under another init. Exits after the drain.
+#[cfg(feature = "aws")]
 pub fn service() -> i32 {
     one_malloc_arena();
     install_panic_hook();

@@ -10,15 +10,6 @@ use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// tokio's timer for the SDK (default features are off, so we hand it over ourselves).
-#[derive(Debug, Clone, Copy)]
-pub struct TokioSleep;
-
-impl aws_sdk_ec2::config::AsyncSleep for TokioSleep {
-    fn sleep(&self, d: Duration) -> aws_sdk_ec2::config::Sleep {
-        aws_sdk_ec2::config::Sleep::new(tokio::time::sleep(d))
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct Ec2Client {
@@ -51,8 +42,8 @@ impl Ec2Client {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region.to_string()))
             .credentials_provider(credentials)
-            .http_client(super::imds::http_client())
-            .sleep_impl(TokioSleep)
+            .http_client(super::sdk::http_client())
+            .sleep_impl(super::sdk::TokioSleep)
             .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
             .timeout_config(timeouts);
         if let Some(ep) = endpoint {
@@ -98,7 +89,7 @@ where
             target: target.into(),
             kind: ErrorKind::Transient,
             code: None,
-            message: super::imds::error_chain(&e),
+            message: super::sdk::error_chain(&e),
         },
     }
 }
@@ -217,7 +208,7 @@ impl Ec2 for Ec2Client {
             .send()
             .try_collect()
             .await
-            .map_err(|e| sdk_error("DescribeVolumes", &describe_tags(tags), e))?
+            .map_err(|e| sdk_error("DescribeVolumes", &super::describe_tags(tags), e))?
             .iter()
             .map(volume_info)
             .collect();
@@ -421,7 +412,7 @@ impl Ec2 for Ec2Client {
             .send()
             .try_collect()
             .await
-            .map_err(|e| sdk_error("DescribeSnapshots", &describe_tags(tags), e))?
+            .map_err(|e| sdk_error("DescribeSnapshots", &super::describe_tags(tags), e))?
             .iter()
             .map(snapshot_info)
             .collect();
@@ -474,10 +465,4 @@ impl Ec2 for Ec2Client {
                 )
             })
     }
-}
-
-/// `tagged Name=x,Env=y` for messages.
-pub fn describe_tags(tags: &BTreeMap<String, String>) -> String {
-    let t: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("tagged {}", t.join(","))
 }

@@ -1,6 +1,8 @@
 //! IMDSv2 through aws-config's client (tokens with a TTL, refreshed before they expire; IMDSv1 is
 //! never used). The same client feeds the instance-role credentials to the EC2 client.
 
+use super::documents::{parse_identity, parse_rebalance, parse_spot_action};
+use super::sdk::{error_chain, http_client, TokioSleep};
 use super::{CloudError, ErrorKind, Identity, Metadata, SpotAction};
 use aws_config::imds::client::error::ImdsError;
 use aws_config::imds::Client;
@@ -21,20 +23,11 @@ pub struct Imds {
     chosen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// One HTTP client (one rustls stack, ring) for IMDS and EC2.
-pub fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
-    use aws_smithy_http_client::tls;
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https()
-}
 
 fn client_for(endpoint: &str) -> Result<Client, CloudError> {
     let provider = ProviderConfig::empty()
         .with_http_client(http_client())
-        .with_sleep_impl(super::ec2::TokioSleep);
+        .with_sleep_impl(TokioSleep);
     Ok(Client::builder()
         .configure(&provider)
         .endpoint(endpoint)
@@ -151,62 +144,6 @@ fn imds_error(path: &str, e: ImdsError) -> CloudError {
     }
 }
 
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct IdentityDocument {
-    instance_id: String,
-    region: String,
-    availability_zone: String,
-    #[serde(default)]
-    account_id: String,
-    #[serde(default)]
-    instance_type: String,
-    #[serde(default)]
-    image_id: String,
-}
-
-pub fn parse_identity(doc: &str) -> Result<Identity, String> {
-    let d: IdentityDocument =
-        serde_json::from_str(doc).map_err(|e| format!("bad identity document: {e}"))?;
-    Ok(Identity {
-        instance_id: d.instance_id,
-        region: d.region,
-        zone: d.availability_zone,
-        account_id: d.account_id,
-        instance_type: d.instance_type,
-        image_id: d.image_id,
-    })
-}
-
-#[derive(serde::Deserialize)]
-struct InstanceAction {
-    action: String,
-    time: String,
-}
-
-pub fn parse_spot_action(doc: &str) -> Result<SpotAction, String> {
-    let a: InstanceAction =
-        serde_json::from_str(doc).map_err(|e| format!("bad instance-action document: {e}"))?;
-    Ok(SpotAction {
-        action: a.action,
-        time: a.time,
-    })
-}
 
 impl Metadata for Imds {
     async fn identity(&self) -> Result<Identity, CloudError> {
@@ -250,36 +187,6 @@ impl Metadata for Imds {
 
     async fn rebalance(&self) -> Result<Option<String>, CloudError> {
         let path = "/latest/meta-data/events/recommendations/rebalance";
-        Ok(self.get_optional(path).await?.map(|doc| {
-            serde_json::from_str::<serde_json::Value>(&doc)
-                .ok()
-                .and_then(|v| v["noticeTime"].as_str().map(str::to_string))
-                .unwrap_or(doc)
-        }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identity_document_parses() {
-        let doc = r#"{"accountId":"123456789012","architecture":"x86_64","availabilityZone":"us-east-1b",
-            "imageId":"ami-03cf127a","instanceId":"i-0abc","instanceType":"t3.small","region":"us-east-1",
-            "privateIp":"10.0.0.5","version":"2017-09-30"}"#;
-        let id = parse_identity(doc).unwrap();
-        assert_eq!(id.instance_id, "i-0abc");
-        assert_eq!(id.zone, "us-east-1b");
-        assert_eq!(id.region, "us-east-1");
-    }
-
-    #[test]
-    fn spot_action_parses() {
-        let a = parse_spot_action(r#"{"action": "terminate", "time": "2026-11-26T12:00:00Z"}"#)
-            .unwrap();
-        assert_eq!(a.action, "terminate");
-        assert_eq!(a.time, "2026-11-26T12:00:00Z");
-        assert!(parse_spot_action("nope").is_err());
+        Ok(self.get_optional(path).await?.map(|doc| parse_rebalance(&doc)))
     }
 }

@@ -1,8 +1,13 @@
 //! The cloud, behind two small traits: [`Metadata`] (IMDSv2) and [`Ec2`] (the few EC2 calls we
 //! use). Only this module knows the AWS crates; everything above works on the plain types here.
 
+pub mod documents;
+#[cfg(feature = "aws")]
 pub mod ec2;
+#[cfg(feature = "aws")]
 pub mod imds;
+#[cfg(feature = "aws")]
+mod sdk;
 
 use crate::retry::{Attempt, Retry};
 use std::collections::BTreeMap;
@@ -117,6 +122,12 @@ pub fn literal_filter_value(value: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// `tagged Name=x,Env=y` for messages.
+pub fn describe_tags(tags: &BTreeMap<String, String>) -> String {
+    let t: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("tagged {}", t.join(","))
 }
 
 /// Tag keys starting with `aws:` (any case) belong to AWS (CloudFormation, Backup, Auto

@@ -21,8 +21,7 @@
 
 use super::attach::{self, api};
 use super::{Step, VolumeError};
-use crate::cloud::ec2::describe_tags;
-use crate::cloud::{is_reserved_tag_key, Ec2, Identity, NewVolume, VolumeInfo};
+use crate::cloud::{describe_tags, is_reserved_tag_key, Ec2, Identity, NewVolume, VolumeInfo};
 use crate::config;
 use crate::console::human;
 use std::collections::BTreeMap;
