@@ -23,11 +23,15 @@ use tokio::time::Instant;
 /// unmount, DetachVolume and its confirmation.
 pub const RESERVE: Duration = Duration::from_secs(20);
 
+/// EC2 gives two minutes; a notice further out than this is read as this far (a time from
+/// IMDS must never make an Instant overflow in the watcher).
+const LONGEST_NOTICE: Duration = Duration::from_secs(3600);
+
 /// The notice's time as an Instant (now, if it is already past or unreadable).
 pub fn deadline_of(time: &str) -> Instant {
     let now = Instant::now();
     match parse_rfc3339(time).and_then(|t| t.duration_since(SystemTime::now()).ok()) {
-        Some(left) => now + left,
+        Some(left) => now + left.min(LONGEST_NOTICE),
         None => now,
     }
 }
@@ -312,5 +316,9 @@ mod tests {
         );
         let past = deadline_of("2001-01-01T00:00:00Z");
         assert!(past <= Instant::now());
+        // A time far out does not overflow; it is capped.
+        let far = deadline_of("9999-12-31T23:59:59Z");
+        assert!(far.saturating_duration_since(Instant::now()) <= LONGEST_NOTICE);
+        assert!(deadline_of("not a time") <= Instant::now());
     }
 }

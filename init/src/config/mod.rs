@@ -7,7 +7,14 @@
 //! TOML text, the line, and says what is expected. Unknown keys are errors: a typo must not
 //! silently fall back to a default that could, say, create a second volume.
 
+mod checks;
+mod sources;
+
+pub use checks::{is_hostname, is_region, ssh_key_problem, time_server_problem, MAX_DAEMON_DEPTH};
+pub use sources::{cmdline_table, cmdline_words, line_of_key, redact, Text, MAX_TEXT_BYTES};
+
 use serde::{Deserialize, Serialize};
+use sources::{merge, origin, parse_text, toml_message};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -148,6 +155,41 @@ pub struct Docker {
     pub start_timeout_secs: u64,
     /// Keep containers on Docker's networks away from IMDS (the instance role's credentials).
     pub block_imds: bool,
+    /// TLS with client certificates for a `tcp://` address in `daemon.hosts`.
+    pub tls: DockerTls,
+    /// Serve the Engine API on plain TCP anyway: whoever reaches the port is root on the host.
+    pub insecure_plain_tcp_api: bool,
+}
+
+/// The Engine API's TLS: the server's certificate and key, and the CA its clients' certificates
+/// must be signed by (dockerd's `tlsverify`). PEM text here, or files on the state volume.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerTls {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// `ca.pem`, `cert.pem` and `key.pem` from `.spotinit/docker-tls/` on the state volume
+    /// (the key then never travels in user data).
+    pub on_volume: bool,
+}
+
+impl DockerTls {
+    pub fn configured(&self) -> bool {
+        self.on_volume || (self.ca.is_some() && self.cert.is_some() && self.key.is_some())
+    }
+}
+
+/// Never prints the key.
+impl fmt::Debug for DockerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DockerTls")
+            .field("ca", &self.ca.as_ref().map(|_| "(PEM)"))
+            .field("cert", &self.cert.as_ref().map(|_| "(PEM)"))
+            .field("key", &self.key.as_ref().map(|_| "(secret)"))
+            .field("on_volume", &self.on_volume)
+            .finish()
+    }
 }
 
 impl Default for Docker {
@@ -159,6 +201,8 @@ impl Default for Docker {
             stop_timeout_secs: 60,
             start_timeout_secs: 120,
             block_imds: true,
+            tls: DockerTls::default(),
+            insecure_plain_tcp_api: false,
         }
     }
 }
@@ -328,12 +372,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Configuration text as given by one source.
-pub struct Text<'a> {
-    pub source: Source,
-    pub text: &'a str,
-}
-
 impl Config {
     /// Merges the sources (highest precedence last wins) over the defaults and validates.
     pub fn load(
@@ -397,168 +435,6 @@ impl Config {
             .collect())
     }
 
-    /// Semantic checks the schema cannot express: (dotted key, what is wrong and expected).
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut p = Vec::new();
-        let v = &self.volume;
-        if v.mode != VolumeMode::None {
-            if let Some(id) = &v.id {
-                if !is_resource_id(id, "vol") {
-                    p.push((
-                        "volume.id".into(),
-                        format!("'{id}' is not a volume id (expected vol- followed by hex digits)"),
-                    ));
-                }
-            } else if v.tags.is_empty() {
-                p.push((
-                    "volume.tags".into(),
-                    "set volume.id or at least one tag to find the state volume by".into(),
-                ));
-            }
-        }
-        let types = ["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"];
-        if !types.contains(&v.volume_type.as_str()) {
-            p.push((
-                "volume.type".into(),
-                format!(
-                    "'{}' is not an EBS volume type (expected one of {})",
-                    v.volume_type,
-                    types.join(", ")
-                ),
-            ));
-        }
-        if !(1..=65536).contains(&v.size_gib) {
-            p.push((
-                "volume.size_gib".into(),
-                format!("{} is out of range (1 to 65536)", v.size_gib),
-            ));
-        }
-        if v.iops.is_some() && !["gp3", "io1", "io2"].contains(&v.volume_type.as_str()) {
-            p.push((
-                "volume.iops".into(),
-                format!(
-                    "only gp3, io1 and io2 volumes take iops, not {}",
-                    v.volume_type
-                ),
-            ));
-        }
-        if v.throughput_mibps.is_some() && v.volume_type != "gp3" {
-            p.push((
-                "volume.throughput_mibps".into(),
-                format!("only gp3 volumes take a throughput, not {}", v.volume_type),
-            ));
-        }
-        if v.kms_key_id.is_some() && !v.encrypted {
-            p.push((
-                "volume.kms_key_id".into(),
-                "a KMS key needs volume.encrypted = true".into(),
-            ));
-        }
-        if !is_device_name(&v.device) {
-            p.push((
-                "volume.device".into(),
-                format!(
-                    "'{}' is not a device name EC2 accepts for a data volume (e.g. /dev/sdf .. /dev/sdp, /dev/xvdf)",
-                    v.device
-                ),
-            ));
-        }
-        if v.label.is_empty() || v.label.len() > 16 {
-            p.push((
-                "volume.label".into(),
-                "an ext4 label has 1 to 16 characters".into(),
-            ));
-        }
-        if let Some(init) = &v.root_init {
-            if v.mode != VolumeMode::PersistedRoot || !init.starts_with('/') {
-                p.push((
-                    "volume.root_init".into(),
-                    "an absolute path, and only with volume.mode = \"persisted-root\"".into(),
-                ));
-            }
-        }
-        if v.release_wait_secs < 60 {
-            p.push((
-                "volume.release_wait_secs".into(),
-                "EC2 takes minutes to release a volume after a termination: use at least 60".into(),
-            ));
-        }
-        let owned = [
-            "data-root",
-            "storage-driver",
-            "containerd",
-            "exec-root",
-            "pidfile",
-        ];
-        for k in self.docker.daemon.keys() {
-            if owned.contains(&k.as_str()) {
-                p.push((
-                    format!("docker.daemon.{k}"),
-                    "spotinit sets this daemon.json key itself (use docker.storage_driver for the driver)".into(),
-                ));
-            }
-        }
-        let drivers = ["overlay2", "fuse-overlayfs", "btrfs", "zfs", "vfs"];
-        if !drivers.contains(&self.docker.storage_driver.as_str()) {
-            p.push((
-                "docker.storage_driver".into(),
-                format!(
-                    "'{}' is not a storage driver Docker 20.10 has (expected one of {})",
-                    self.docker.storage_driver,
-                    drivers.join(", ")
-                ),
-            ));
-        }
-        if self.failure.retry_interval_secs == 0 {
-            p.push((
-                "failure.retry_interval_secs".into(),
-                "must be at least 1".into(),
-            ));
-        }
-        if self.spot.poll_secs == 0 || self.spot.poll_secs > 5 {
-            p.push((
-                "spot.poll_secs".into(),
-                "poll every 1 to 5 seconds: the notice gives two minutes at best".into(),
-            ));
-        }
-        if let Some(a) = &self.address.elastic_ip_allocation_id {
-            if !is_resource_id(a, "eipalloc") {
-                p.push((
-                    "address.elastic_ip_allocation_id".into(),
-                    format!("'{a}' is not an allocation id (expected eipalloc-...)"),
-                ));
-            }
-        }
-        for (i, k) in self.ssh.authorized_keys.iter().enumerate() {
-            let kind = k.split_whitespace().next().unwrap_or_default();
-            if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-            {
-                p.push((
-                    "ssh.authorized_keys".into(),
-                    format!("entry {} is not an OpenSSH public key (expected \"ssh-ed25519 AAAA... comment\")", i + 1),
-                ));
-            }
-        }
-        if self.time.servers.is_empty() {
-            p.push((
-                "time.servers".into(),
-                "at least one NTP server: SigV4-signed EC2 calls fail with a clock 5 minutes off"
-                    .into(),
-            ));
-        }
-        for (key, url) in [
-            ("imds_endpoint", &self.imds_endpoint),
-            ("aws.ec2_endpoint", &self.aws.ec2_endpoint),
-        ] {
-            if let Some(u) = url {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    p.push((key.into(), format!("'{u}' is not an http(s) URL")));
-                }
-            }
-        }
-        p
-    }
-
     /// One line for the console: what this configuration will do.
     pub fn summary(&self) -> String {
         let v = &self.volume;
@@ -599,209 +475,6 @@ pub fn variant_name<T: Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
-}
-
-fn is_resource_id(s: &str, prefix: &str) -> bool {
-    s.strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('-'))
-        .is_some_and(|hex| {
-            (8..=17).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit())
-        })
-}
-
-fn is_device_name(d: &str) -> bool {
-    let tail = d
-        .strip_prefix("/dev/sd")
-        .or_else(|| d.strip_prefix("/dev/xvd"));
-    matches!(tail, Some(t) if (1..=2).contains(&t.len()) && t.chars().all(|c| c.is_ascii_lowercase()) && t != "a")
-}
-
-/// Parses and checks one TOML text alone, so its errors carry its own line numbers.
-fn parse_text(t: &Text<'_>) -> Result<toml::Table, Vec<ConfigError>> {
-    let err = |line: Option<usize>, message: String| ConfigError {
-        source: t.source,
-        line,
-        key: None,
-        message,
-    };
-    let trimmed = t.text.trim_start();
-    if trimmed.starts_with("#!") {
-        return Err(vec![err(
-            Some(1),
-            "this is a shell script; spotinit reads its settings as TOML (see the configuration reference in the README)".into(),
-        )]);
-    }
-    if trimmed.starts_with("#cloud-config") {
-        return Err(vec![err(
-            Some(1),
-            "this is cloud-init configuration; spotinit has no cloud-init and reads TOML (see the configuration reference in the README)".into(),
-        )]);
-    }
-    if let Err(e) = toml::from_str::<Config>(t.text) {
-        let line = e.span().map(|s| line_of_offset(t.text, s.start));
-        let mut message = toml_message(&e);
-        if let Some(l) = line {
-            if let Some(src) = t.text.lines().nth(l - 1) {
-                message = format!("{message} (in: {})", src.trim());
-            }
-        }
-        return Err(vec![err(line, message)]);
-    }
-    toml::from_str::<toml::Table>(t.text).map_err(|e| vec![err(None, toml_message(&e))])
-}
-
-fn toml_message(e: &toml::de::Error) -> String {
-    e.message().trim().replace('\n', " ")
-}
-
-fn line_of_offset(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// Deep merge: tables merge key by key, anything else is replaced.
-fn merge(into: &mut toml::Table, from: toml::Table) {
-    for (k, v) in from {
-        match (into.get_mut(&k), v) {
-            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
-            (_, v) => {
-                into.insert(k, v);
-            }
-        }
-    }
-}
-
-/// Splits a kernel command line into words, honouring double quotes as the kernel does.
-pub fn cmdline_words(cmdline: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => {
-                if !cur.is_empty() {
-                    words.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        words.push(cur);
-    }
-    words
-}
-
-/// The `spotinit.*` keys of a kernel command line as a TOML table. A value is read as TOML
-/// (numbers, booleans, arrays) when it parses as such, else as a string.
-pub fn cmdline_table(cmdline: &str) -> Result<toml::Table, Vec<ConfigError>> {
-    let mut table = toml::Table::new();
-    let mut errors = Vec::new();
-    for word in cmdline_words(cmdline) {
-        let Some(rest) = word.strip_prefix("spotinit.") else {
-            continue;
-        };
-        let (key, raw) = rest.split_once('=').unwrap_or((rest, "true"));
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        let parts: Vec<&str> = key.split('.').collect();
-        if parts.iter().any(|p| p.is_empty()) {
-            errors.push(ConfigError {
-                source: Source::KernelCommandLine,
-                line: None,
-                key: Some(format!("spotinit.{key}")),
-                message: "empty key segment".into(),
-            });
-            continue;
-        }
-        let mut nested = toml::Table::new();
-        nested.insert(parts[parts.len() - 1].to_string(), value);
-        for p in parts[..parts.len() - 1].iter().rev() {
-            let mut t = toml::Table::new();
-            t.insert(p.to_string(), toml::Value::Table(nested));
-            nested = t;
-        }
-        // Check this key alone so the error names it.
-        if let Err(e) = toml::Value::Table(nested.clone()).try_into::<Config>() {
-            errors.push(ConfigError {
-                source: Source::KernelCommandLine,
-                line: None,
-                key: Some(format!("spotinit.{key}")),
-                message: toml_message(&e),
-            });
-            continue;
-        }
-        merge(&mut table, nested);
-    }
-    if errors.is_empty() {
-        Ok(table)
-    } else {
-        Err(errors)
-    }
-}
-
-/// Which source set a dotted key last (highest precedence), and on which line if it is text.
-fn origin(
-    key: &str,
-    cmdline: &str,
-    user_data: Option<&str>,
-    image_file: Option<&str>,
-) -> (Source, Option<usize>) {
-    if cmdline_words(cmdline)
-        .iter()
-        .any(|w| w.starts_with(&format!("spotinit.{key}")))
-    {
-        return (Source::KernelCommandLine, None);
-    }
-    for (source, text) in [
-        (Source::UserData, user_data),
-        (Source::ImageFile, image_file),
-    ] {
-        if let Some(t) = text {
-            if let Some(line) = line_of_key(t, key) {
-                return (source, Some(line));
-            }
-        }
-    }
-    (Source::UserData, None)
-}
-
-/// Best effort: the line of `a.b.c` in TOML text (`[a.b]` then `c =`, `[a]` then `b.c =` or
-/// `b = {.. c ..}`, or a top-level `a.b.c =`).
-pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let parts: Vec<&str> = key.split('.').collect();
-    let mut section: Vec<String> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.starts_with('[') {
-            let name = line.trim_matches(|c| c == '[' || c == ']').trim();
-            section = name.split('.').map(|s| s.trim().to_string()).collect();
-            if section.iter().map(String::as_str).eq(parts.iter().copied()) {
-                return Some(i + 1);
-            }
-            continue;
-        }
-        let Some((lhs, _)) = line.split_once('=') else {
-            continue;
-        };
-        let lhs: Vec<String> = lhs
-            .trim()
-            .split('.')
-            .map(|s| s.trim().trim_matches('"').to_string())
-            .collect();
-        let full: Vec<&str> = section
-            .iter()
-            .map(String::as_str)
-            .chain(lhs.iter().map(String::as_str))
-            .collect();
-        let n = full.len().min(parts.len());
-        if parts[..n] == full[..n] {
-            return Some(i + 1);
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -888,21 +561,6 @@ mod tests {
     }
 
     #[test]
-    fn cmdline_words_honour_quotes_and_types() {
-        assert_eq!(
-            cmdline_words("a \"b c\" d=\"e f\""),
-            vec!["a", "b c", "d=e f"]
-        );
-        let t =
-            cmdline_table("spotinit.volume.create=false spotinit.volume.tags.Name=x-y").unwrap();
-        assert_eq!(t["volume"]["create"], toml::Value::Boolean(false));
-        assert_eq!(
-            t["volume"]["tags"]["Name"],
-            toml::Value::String("x-y".into())
-        );
-    }
-
-    #[test]
     fn volume_id_and_device_are_checked() {
         let e = Config::load(
             "",
@@ -913,18 +571,5 @@ mod tests {
         let keys: Vec<_> = e.iter().filter_map(|e| e.key.clone()).collect();
         assert_eq!(keys, vec!["volume.id", "volume.device"]);
         assert!(Config::load("", Some("[volume]\nid = \"vol-0123456789abcdef0\"\n"), None).is_ok());
-    }
-
-    #[test]
-    fn line_of_key_finds_sections_and_dotted_keys() {
-        let t = "hostname = \"h\"\n[volume]\nid = \"x\"\n[volume.tags]\nName = \"n\"\n";
-        assert_eq!(line_of_key(t, "volume.id"), Some(3));
-        assert_eq!(line_of_key(t, "volume.tags"), Some(4));
-        assert_eq!(line_of_key(t, "volume.tags.Name"), Some(5));
-        assert_eq!(line_of_key(t, "hostname"), Some(1));
-        assert_eq!(
-            line_of_key("volume.size_gib = 3", "volume.size_gib"),
-            Some(1)
-        );
     }
 }

@@ -1,0 +1,818 @@
+//! What the schema cannot express: every value that reaches a file, a command, a system call or
+//! the network has a strict form (an RFC 1123 host name, an NTP server `host[:port]`, one OpenSSH
+//! key, EC2's tag limits, resource id and KMS key formats), every duration and count an upper
+//! bound (so no arithmetic on it can overflow), and the Docker daemon's settings cannot undo the
+//! container firewall or open the Engine API unauthenticated. Each problem is (dotted key, what
+//! is wrong and what is expected); [`super::Config::load`] adds the source and the line.
+
+use super::{Config, VolumeMode};
+
+/// How deep `docker.daemon` may nest (daemon.json has no setting deeper than 4).
+pub const MAX_DAEMON_DEPTH: usize = 16;
+/// Tags of the user's on the volume; spotinit adds up to 8 of its own (EC2 allows 50).
+pub const MAX_USER_TAGS: usize = 40;
+
+/// (dotted key, lowest, highest, unit): every number a duration or a count comes from.
+const BOUNDS: &[(&str, u64, u64, &str)] = &[
+    ("network.dhcp_timeout_secs", 1, 600, "seconds"),
+    ("volume.size_gib", 1, 65536, "GiB (EBS's largest volume)"),
+    ("volume.iops", 100, 256_000, "IOPS"),
+    ("volume.throughput_mibps", 125, 2000, "MiB/s"),
+    ("volume.attach_timeout_secs", 10, 3600, "seconds"),
+    ("volume.release_wait_secs", 60, 86400, "seconds (EC2 takes minutes to release a volume)"),
+    ("volume.device_timeout_secs", 5, 3600, "seconds"),
+    ("volume.snapshot_timeout_secs", 60, 86400, "seconds"),
+    ("docker.stop_timeout_secs", 1, 3600, "seconds"),
+    ("docker.start_timeout_secs", 5, 3600, "seconds"),
+    ("failure.retry_for_secs", 0, 604_800, "seconds (a week)"),
+    ("failure.retry_interval_secs", 1, 3600, "seconds"),
+    ("spot.poll_secs", 1, 5, "seconds (the notice gives two minutes at best)"),
+    ("snapshots.interval_minutes", 0, 43200, "minutes (30 days)"),
+    ("snapshots.keep", 1, 1000, "snapshots"),
+    ("time.sync_timeout_secs", 1, 600, "seconds"),
+    ("ssh.port", 1, 65535, ""),
+];
+
+/// daemon.json keys spotinit sets itself.
+const OWNED_DAEMON_KEYS: &[(&str, &str)] = &[
+    ("data-root", "spotinit puts Docker's state on the state volume"),
+    ("storage-driver", "use docker.storage_driver"),
+    ("containerd", "spotinit runs containerd"),
+    ("exec-root", "spotinit sets it"),
+    ("pidfile", "spotinit sets it"),
+    ("tls", "use [docker.tls]"),
+    ("tlsverify", "use [docker.tls]"),
+    ("tlscacert", "use [docker.tls]"),
+    ("tlscert", "use [docker.tls]"),
+    ("tlskey", "use [docker.tls]"),
+];
+
+/// A value as a message may show it: at most 64 characters, control characters escaped.
+fn shown(v: &str) -> String {
+    let mut s: String = v.chars().take(64).flat_map(char::escape_debug).collect();
+    if v.chars().count() > 64 {
+        s.push('…');
+    }
+    s
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+pub fn is_resource_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|hex| {
+            (8..=17).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit())
+        })
+}
+
+/// `/dev/sdf` .. `/dev/sdz`, `/dev/xvdf`, `/dev/xvdba`: the names EC2 accepts for an EBS data
+/// volume on Linux (not `a`, the root).
+pub fn is_device_name(d: &str) -> bool {
+    let tail = d
+        .strip_prefix("/dev/sd")
+        .or_else(|| d.strip_prefix("/dev/xvd"));
+    matches!(tail, Some(t) if (1..=2).contains(&t.len()) && t.chars().all(|c| c.is_ascii_lowercase()) && t != "a")
+}
+
+/// An RFC 1123 host name the kernel takes (at most 64 bytes): labels of letters, digits and
+/// inner hyphens, separated by dots.
+pub fn is_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && h.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// An NTP server: `host`, `host:port`, `[v6]` or `[v6]:port`, the host an IP literal or an RFC
+/// 1123 name. None when it is one.
+pub fn time_server_problem(s: &str) -> Option<String> {
+    let bad = || {
+        Some(format!(
+            "'{}' is not an NTP server (expected host, host:port, [ipv6] or [ipv6]:port, the host an IP address or a DNS name)",
+            shown(s)
+        ))
+    };
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((h, after)) = rest.split_once(']') else {
+            return bad();
+        };
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad();
+        }
+        match after {
+            "" => (h, None),
+            a => match a.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return bad(),
+            },
+        }
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let host_ok = host.parse::<std::net::IpAddr>().is_ok() || is_hostname(host);
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if host_ok && port_ok {
+        None
+    } else {
+        bad()
+    }
+}
+
+/// Key types dropbear and OpenSSH take in authorized_keys.
+const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// Standard base64, as much of it as decodes (enough to read a key blob's first field).
+fn base64_prefix(s: &str, want: usize) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        if out.len() >= want {
+            break;
+        }
+        let n = chunk.iter().take_while(|c| **c != b'=').count();
+        let mut acc = 0u32;
+        for (i, c) in chunk[..n].iter().enumerate() {
+            acc |= val(*c)? << (18 - 6 * i);
+        }
+        out.extend_from_slice(&acc.to_be_bytes()[1..n.max(1)]);
+    }
+    Some(out)
+}
+
+/// One OpenSSH public key: `type base64 [comment]`, a known type, a blob of that type, no
+/// options (`command="..."`), no newline. None when it is one.
+pub fn ssh_key_problem(k: &str) -> Option<String> {
+    let k = k.trim();
+    if k.is_empty() || k.len() > 16 << 10 || has_control(k) {
+        return Some("not one OpenSSH public key on one line (at most 16 KiB, no control characters)".into());
+    }
+    let mut f = k.splitn(3, ' ');
+    let (kind, blob) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+    if !SSH_KEY_TYPES.contains(&kind) {
+        return Some(if kind.contains('=') || kind.contains(',') {
+            "key options (command=, from=, ...) are not supported: give the key alone".into()
+        } else {
+            format!(
+                "not an OpenSSH public key of a known type ({})",
+                SSH_KEY_TYPES.join(", ")
+            )
+        });
+    }
+    // The blob starts with its own type: a 4-byte length and the name.
+    let head = base64_prefix(blob, 4 + kind.len());
+    let named = head.as_deref().and_then(|h| {
+        let len = u32::from_be_bytes(h.get(..4)?.try_into().ok()?) as usize;
+        h.get(4..4 + len)
+    });
+    if named != Some(kind.as_bytes()) {
+        return Some(format!("the key data is not a {kind} key in base64"));
+    }
+    None
+}
+
+/// A KMS key: key id, multi-region key id, alias, or the ARN of a key or an alias.
+pub fn is_kms_key(k: &str) -> bool {
+    let id = |s: &str| {
+        let uuid = s.len() == 36
+            && s.chars().enumerate().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_hexdigit(),
+            });
+        let mrk = s
+            .strip_prefix("mrk-")
+            .is_some_and(|h| h.len() == 32 && h.chars().all(|c| c.is_ascii_hexdigit()));
+        uuid || mrk
+    };
+    let alias = |s: &str| {
+        s.strip_prefix("alias/").is_some_and(|a| {
+            (1..=250).contains(&a.len())
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/_-".contains(c))
+        })
+    };
+    if let Some(rest) = k.strip_prefix("arn:") {
+        let f: Vec<&str> = rest.splitn(5, ':').collect();
+        return f.len() == 5
+            && f[0].starts_with("aws")
+            && f[1] == "kms"
+            && is_region(f[2])
+            && f[3].len() == 12
+            && f[3].chars().all(|c| c.is_ascii_digit())
+            && (f[4].strip_prefix("key/").is_some_and(id) || alias(f[4]));
+    }
+    id(k) || alias(k)
+}
+
+/// `eu-west-1`, `us-gov-west-1`, `ap-southeast-4`.
+pub fn is_region(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+        && parts.last().is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// An http(s) URL with a host, on one line.
+fn is_url(u: &str) -> bool {
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        u.len() <= 2048
+            && !r.is_empty()
+            && !r.starts_with('/')
+            && !u.chars().any(|c| c.is_whitespace() || c.is_control())
+    })
+}
+
+/// A PEM block of this kind (`CERTIFICATE`, or any `... PRIVATE KEY`).
+fn is_pem(text: &str, kind: &str) -> bool {
+    let t = text.trim();
+    t.starts_with("-----BEGIN ")
+        && t.ends_with("-----")
+        && t.lines().next().is_some_and(|l| l.contains(kind))
+        && t.len() <= 64 << 10
+}
+
+/// How deep a TOML value nests (a scalar is 0), without recursing.
+pub fn depth(v: &toml::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            toml::Value::Table(t) => stack.extend(t.values().map(|c| (c, d + 1))),
+            toml::Value::Array(a) => stack.extend(a.iter().map(|c| (c, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+impl Config {
+    /// Semantic checks the schema cannot express: (dotted key, what is wrong and expected).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        self.check_bounds(&mut p);
+        self.check_volume(&mut p);
+        self.check_docker(&mut p);
+        self.check_names(&mut p);
+        p
+    }
+
+    fn check_bounds(&self, p: &mut Vec<(String, String)>) {
+        let v = &self.volume;
+        let values = [
+            Some(self.network.dhcp_timeout_secs),
+            Some(v.size_gib.into()),
+            v.iops.map(u64::from),
+            v.throughput_mibps.map(u64::from),
+            Some(v.attach_timeout_secs),
+            Some(v.release_wait_secs),
+            Some(v.device_timeout_secs),
+            Some(v.snapshot_timeout_secs),
+            Some(self.docker.stop_timeout_secs),
+            Some(self.docker.start_timeout_secs),
+            Some(self.failure.retry_for_secs),
+            Some(self.failure.retry_interval_secs),
+            Some(self.spot.poll_secs),
+            Some(self.snapshots.interval_minutes),
+            Some(self.snapshots.keep.into()),
+            Some(self.time.sync_timeout_secs),
+            Some(self.ssh.port.into()),
+        ];
+        for ((key, lo, hi, unit), value) in BOUNDS.iter().zip(values) {
+            if let Some(n) = value.filter(|n| !(*lo..=*hi).contains(n)) {
+                let unit = if unit.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {unit}")
+                };
+                p.push((
+                    key.to_string(),
+                    format!("{n} is out of range ({lo} to {hi}{unit})"),
+                ));
+            }
+        }
+    }
+
+    fn check_volume(&self, p: &mut Vec<(String, String)>) {
+        let v = &self.volume;
+        if v.mode != VolumeMode::None {
+            if let Some(id) = &v.id {
+                if !is_resource_id(id, "vol") {
+                    p.push((
+                        "volume.id".into(),
+                        format!(
+                            "'{}' is not a volume id (expected vol- followed by hex digits)",
+                            shown(id)
+                        ),
+                    ));
+                }
+            } else if v.tags.is_empty() {
+                p.push((
+                    "volume.tags".into(),
+                    "set volume.id or at least one tag to find the state volume by".into(),
+                ));
+            }
+        }
+        if v.tags.len() > MAX_USER_TAGS {
+            p.push((
+                "volume.tags".into(),
+                format!("at most {MAX_USER_TAGS} tags (EC2 allows 50 per volume; spotinit adds its own)"),
+            ));
+        }
+        for (k, val) in &v.tags {
+            let problem = if k.is_empty() || k.chars().count() > 128 || val.chars().count() > 256
+            {
+                Some("EC2 takes tag keys of 1 to 128 characters and values of at most 256".into())
+            } else if crate::cloud::is_reserved_tag_key(k) {
+                Some("tag keys starting with aws: are reserved for AWS; EC2 refuses them".into())
+            } else if k.starts_with("spotinit:") {
+                Some("tag keys starting with spotinit: are spotinit's own record of the volume's lineage".into())
+            } else if has_control(k) || has_control(val) {
+                Some("no control characters in tags".into())
+            } else {
+                None
+            };
+            if let Some(why) = problem {
+                p.push((format!("volume.tags.{}", shown(k)), why));
+            }
+        }
+        let types = ["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"];
+        if !types.contains(&v.volume_type.as_str()) {
+            p.push((
+                "volume.type".into(),
+                format!(
+                    "'{}' is not an EBS volume type (expected one of {})",
+                    shown(&v.volume_type),
+                    types.join(", ")
+                ),
+            ));
+        }
+        if v.iops.is_some() && !["gp3", "io1", "io2"].contains(&v.volume_type.as_str()) {
+            p.push((
+                "volume.iops".into(),
+                format!(
+                    "only gp3, io1 and io2 volumes take iops, not {}",
+                    shown(&v.volume_type)
+                ),
+            ));
+        }
+        if v.throughput_mibps.is_some() && v.volume_type != "gp3" {
+            p.push((
+                "volume.throughput_mibps".into(),
+                format!(
+                    "only gp3 volumes take a throughput, not {}",
+                    shown(&v.volume_type)
+                ),
+            ));
+        }
+        if let Some(k) = &v.kms_key_id {
+            if !v.encrypted {
+                p.push((
+                    "volume.kms_key_id".into(),
+                    "a KMS key needs volume.encrypted = true".into(),
+                ));
+            } else if !is_kms_key(k) {
+                p.push((
+                    "volume.kms_key_id".into(),
+                    "not a KMS key (expected a key id, mrk-..., alias/NAME, or the ARN of a key or an alias)".into(),
+                ));
+            }
+        }
+        if !is_device_name(&v.device) {
+            p.push((
+                "volume.device".into(),
+                format!(
+                    "'{}' is not a device name EC2 accepts for a data volume (e.g. /dev/sdf .. /dev/sdp, /dev/xvdf)",
+                    shown(&v.device)
+                ),
+            ));
+        }
+        if v.label.is_empty() || v.label.len() > 16 || has_control(&v.label) {
+            p.push((
+                "volume.label".into(),
+                "an ext4 label has 1 to 16 bytes, no control characters".into(),
+            ));
+        }
+        if let Some(init) = &v.root_init {
+            if v.mode != VolumeMode::PersistedRoot
+                || !init.starts_with('/')
+                || init.len() > 4096
+                || has_control(init)
+            {
+                p.push((
+                    "volume.root_init".into(),
+                    "an absolute path, and only with volume.mode = \"persisted-root\"".into(),
+                ));
+            }
+        }
+    }
+
+    fn check_docker(&self, p: &mut Vec<(String, String)>) {
+        let d = &self.docker;
+        for (k, why) in OWNED_DAEMON_KEYS {
+            if d.daemon.contains_key(*k) {
+                p.push((
+                    format!("docker.daemon.{k}"),
+                    format!("spotinit sets this daemon.json key itself ({why})"),
+                ));
+            }
+        }
+        for (k, v) in &d.daemon {
+            if depth(v) > MAX_DAEMON_DEPTH {
+                p.push((
+                    format!("docker.daemon.{}", shown(k)),
+                    format!("nests deeper than {MAX_DAEMON_DEPTH} levels; no daemon.json setting does"),
+                ));
+            }
+        }
+        if d.block_imds {
+            let off = |key: &str| d.daemon.get(key) == Some(&toml::Value::Boolean(false));
+            for key in ["iptables", "ip6tables"] {
+                if off(key) {
+                    p.push((
+                        format!("docker.daemon.{key}"),
+                        format!("with {key} off Docker does not send containers through the DOCKER-USER chain, where docker.block_imds keeps them from IMDS (the instance role's credentials). Set docker.block_imds = false to allow it knowingly"),
+                    ));
+                }
+            }
+            if let Some(b) = d.daemon.get("firewall-backend") {
+                if b.as_str() != Some("iptables") {
+                    p.push((
+                        "docker.daemon.firewall-backend".into(),
+                        "only the iptables backend has the DOCKER-USER chain docker.block_imds puts its rules in. Set docker.block_imds = false to use another knowingly".into(),
+                    ));
+                }
+            }
+        }
+        let drivers = ["overlay2", "fuse-overlayfs", "btrfs", "zfs", "vfs"];
+        if !drivers.contains(&d.storage_driver.as_str()) {
+            p.push((
+                "docker.storage_driver".into(),
+                format!(
+                    "'{}' is not a storage driver of Docker's (expected one of {})",
+                    shown(&d.storage_driver),
+                    drivers.join(", ")
+                ),
+            ));
+        }
+        self.check_docker_hosts(p);
+    }
+
+    /// `docker.daemon.hosts`: unix sockets, or TCP with TLS client authentication unless the
+    /// loud opt-in says otherwise.
+    fn check_docker_hosts(&self, p: &mut Vec<(String, String)>) {
+        let d = &self.docker;
+        let t = &d.tls;
+        let inline = [&t.ca, &t.cert, &t.key];
+        let given = inline.iter().filter(|x| x.is_some()).count();
+        if t.on_volume && given > 0 {
+            p.push((
+                "docker.tls".into(),
+                "either ca, cert and key, or on_volume = true: not both".into(),
+            ));
+        } else if given != 0 && given != 3 {
+            p.push((
+                "docker.tls".into(),
+                "ca (the clients' CA), cert and key (the server's) go together".into(),
+            ));
+        }
+        for (key, value, kind) in [
+            ("docker.tls.ca", &t.ca, "CERTIFICATE"),
+            ("docker.tls.cert", &t.cert, "CERTIFICATE"),
+            ("docker.tls.key", &t.key, "PRIVATE KEY"),
+        ] {
+            if value.as_deref().is_some_and(|v| !is_pem(v, kind)) {
+                p.push((key.into(), format!("a PEM {kind} block (-----BEGIN ...)")));
+            }
+        }
+        let tls = t.on_volume || given == 3;
+        let Some(hosts) = d.daemon.get("hosts") else {
+            return;
+        };
+        let Some(hosts) = hosts.as_array() else {
+            p.push((
+                "docker.daemon.hosts".into(),
+                "a list of addresses (unix:///path, tcp://host:port)".into(),
+            ));
+            return;
+        };
+        for h in hosts {
+            let Some(h) = h.as_str() else {
+                p.push((
+                    "docker.daemon.hosts".into(),
+                    "each entry an address string".into(),
+                ));
+                continue;
+            };
+            let tcp = h.strip_prefix("tcp://");
+            if tcp.is_none() && !h.starts_with("unix://") && !h.starts_with("fd://") {
+                p.push((
+                    "docker.daemon.hosts".into(),
+                    format!(
+                        "'{}' is not an address (unix:///path, tcp://host:port)",
+                        shown(h)
+                    ),
+                ));
+            }
+            if tcp.is_some() && !tls && !d.insecure_plain_tcp_api {
+                p.push((
+                    "docker.daemon.hosts".into(),
+                    format!(
+                        "'{}' would serve the Docker Engine API without TLS: anyone who reaches the port is root on the host. Configure [docker.tls] (client certificates; README: the Engine API over TCP), or set docker.insecure_plain_tcp_api = true if you really mean it",
+                        shown(h)
+                    ),
+                ));
+            }
+        }
+    }
+
+    fn check_names(&self, p: &mut Vec<(String, String)>) {
+        if let Some(h) = &self.hostname {
+            if !is_hostname(h) {
+                p.push((
+                    "hostname".into(),
+                    "an RFC 1123 host name: letters, digits and inner hyphens, dot-separated labels of at most 63, 64 in all".into(),
+                ));
+            }
+        }
+        if let Some(a) = &self.address.elastic_ip_allocation_id {
+            if !is_resource_id(a, "eipalloc") {
+                p.push((
+                    "address.elastic_ip_allocation_id".into(),
+                    format!(
+                        "'{}' is not an allocation id (expected eipalloc-...)",
+                        shown(a)
+                    ),
+                ));
+            }
+        }
+        if self.ssh.authorized_keys.len() > 100 {
+            p.push((
+                "ssh.authorized_keys".into(),
+                "at most 100 keys".into(),
+            ));
+        }
+        for (i, k) in self.ssh.authorized_keys.iter().enumerate() {
+            if let Some(why) = ssh_key_problem(k) {
+                p.push((
+                    "ssh.authorized_keys".into(),
+                    format!("entry {}: {why}", i + 1),
+                ));
+            }
+        }
+        if self.time.servers.is_empty() || self.time.servers.len() > 8 {
+            p.push((
+                "time.servers".into(),
+                "1 to 8 NTP servers: SigV4-signed EC2 calls fail with a clock 5 minutes off"
+                    .into(),
+            ));
+        }
+        for s in &self.time.servers {
+            if let Some(why) = time_server_problem(s) {
+                p.push(("time.servers".into(), why));
+            }
+        }
+        for (key, url) in [
+            ("imds_endpoint", &self.imds_endpoint),
+            ("aws.ec2_endpoint", &self.aws.ec2_endpoint),
+        ] {
+            if let Some(u) = url {
+                if !is_url(u) {
+                    p.push((
+                        key.into(),
+                        format!("'{}' is not an http(s) URL with a host", shown(u)),
+                    ));
+                }
+            }
+        }
+        if let Some(r) = &self.aws.region {
+            if !is_region(r) {
+                p.push((
+                    "aws.region".into(),
+                    format!("'{}' is not an AWS region (e.g. eu-west-1)", shown(r)),
+                ));
+            }
+        }
+        if let Some(i) = &self.network.interface {
+            let ok = (1..=15).contains(&i.len())
+                && i != "."
+                && i != ".."
+                && i.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !ok {
+                p.push((
+                    "network.interface".into(),
+                    "an interface name: 1 to 15 letters, digits, '.', '_' or '-'".into(),
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop";
+
+    fn keys_of(user: &str) -> Vec<String> {
+        match Config::load("", Some(user), None) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.into_iter().filter_map(|e| e.key).collect(),
+        }
+    }
+
+    #[test]
+    fn time_servers_are_hosts_and_ports_nothing_else() {
+        for ok in [
+            "169.254.169.123",
+            "[fd00:ec2::123]",
+            "[fd00:ec2::123]:123",
+            "10.0.2.2:12345",
+            "time.aws.com",
+            "pool.ntp.org:123",
+        ] {
+            assert_eq!(time_server_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "time.aws.com\ncmdallow all",
+            "a b",
+            "include /etc/shadow",
+            "host:0",
+            "host:99999",
+            "[::1",
+            "[not-v6]:1",
+            "-bad.example",
+            "",
+        ] {
+            assert!(time_server_problem(bad).is_some(), "{bad:?}");
+        }
+        assert_eq!(
+            keys_of("[time]\nservers = [\"169.254.169.123\\ninclude /x\"]\n"),
+            ["time.servers"]
+        );
+    }
+
+    #[test]
+    fn ssh_keys_are_one_known_key_each() {
+        assert_eq!(ssh_key_problem(ED25519), None);
+        assert_eq!(ssh_key_problem("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"), None);
+        let two = format!("{ED25519}\n{ED25519}");
+        assert!(ssh_key_problem(&two).unwrap().contains("one line"));
+        assert!(ssh_key_problem(&format!("command=\"/bin/sh\" {ED25519}"))
+            .unwrap()
+            .contains("options"));
+        assert!(ssh_key_problem("ssh-dss AAAAB3NzaC1kc3M=").is_some());
+        // A blob of another type under this name.
+        assert!(ssh_key_problem("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
+            .unwrap()
+            .contains("not a ssh-rsa key"));
+        assert!(ssh_key_problem("ssh-ed25519 !!!!").is_some());
+    }
+
+    #[test]
+    fn hostnames_are_rfc_1123() {
+        for ok in ["gitlab", "ip-10-0-2-15", "a.b-c.d", "x1"] {
+            assert!(is_hostname(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a..b", "a b", "a_b", &"a".repeat(65), "é"] {
+            assert!(!is_hostname(bad), "{bad}");
+        }
+        assert_eq!(keys_of("hostname = \"git lab\"\n"), ["hostname"]);
+    }
+
+    #[test]
+    fn tags_follow_ec2s_limits_and_leave_reserved_prefixes_alone() {
+        let long = "k".repeat(129);
+        let user = format!(
+            "[volume.tags]\nName = \"x\"\n\"aws:cloudformation:stack-name\" = \"s\"\n\"spotinit:moving\" = \"i\"\n{long} = \"v\"\nValue = \"{}\"\n",
+            "v".repeat(257)
+        );
+        let mut k = keys_of(&user);
+        k.sort();
+        assert_eq!(k.len(), 4, "{k:?}");
+        assert!(k.iter().any(|k| k.starts_with("volume.tags.aws:")));
+        assert!(k.iter().any(|k| k == "volume.tags.spotinit:moving"));
+        assert!(k.iter().any(|k| k == "volume.tags.Value"));
+    }
+
+    #[test]
+    fn kms_keys_regions_endpoints_labels_and_interfaces_have_their_forms() {
+        for ok in [
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234abcd12ab34cd56ef1234567890ab",
+            "alias/ebs-state",
+            "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "arn:aws:kms:eu-west-1:111122223333:alias/ebs-state",
+        ] {
+            assert!(is_kms_key(ok), "{ok}");
+        }
+        for bad in ["key", "arn:aws:kms:eu-west-1:1:key/x", "alias/", "1234"] {
+            assert!(!is_kms_key(bad), "{bad}");
+        }
+        assert!(is_region("eu-west-1") && is_region("us-gov-west-1"));
+        assert!(!is_region("eu_west_1") && !is_region("west") && !is_region("eu-west-x"));
+        let k = keys_of("[volume]\nlabel = \"a-label-of-17-byt\"\n[network]\ninterface = \"eth0; reboot\"\n[aws]\nec2_endpoint = \"http://x y\"\nregion = \"mars\"\n");
+        assert_eq!(k.len(), 4, "{k:?}");
+    }
+
+    #[test]
+    fn every_duration_and_count_is_bounded() {
+        let user = "[snapshots]\ninterval_minutes = 9223372036854775807\nkeep = 0\n[volume]\nattach_timeout_secs = 9999999999\n[docker]\nstop_timeout_secs = 0\n[ssh]\nport = 0\n";
+        let mut k = keys_of(user);
+        k.sort();
+        assert_eq!(
+            k,
+            [
+                "docker.stop_timeout_secs",
+                "snapshots.interval_minutes",
+                "snapshots.keep",
+                "ssh.port",
+                "volume.attach_timeout_secs"
+            ]
+        );
+        // Within the bounds nothing overflows: interval × 60 fits, Instant + it too.
+        let c = Config::load("", Some("[snapshots]\ninterval_minutes = 43200\n"), None).unwrap();
+        let d = std::time::Duration::from_secs(c.snapshots.interval_minutes * 60);
+        assert!(std::time::Instant::now().checked_add(d).is_some());
+    }
+
+    #[test]
+    fn daemon_settings_cannot_open_the_firewall_or_the_api() {
+        let k = keys_of("[docker.daemon]\niptables = false\nip6tables = false\nfirewall-backend = \"nftables\"\ntlsverify = false\n");
+        assert_eq!(
+            k,
+            [
+                "docker.daemon.tlsverify",
+                "docker.daemon.iptables",
+                "docker.daemon.ip6tables",
+                "docker.daemon.firewall-backend"
+            ]
+        );
+        // Knowingly, without the IMDS block.
+        assert!(keys_of("[docker]\nblock_imds = false\n[docker.daemon]\niptables = false\n").is_empty());
+        let plain = "[docker.daemon]\nhosts = [\"tcp://0.0.0.0:2375\"]\n";
+        let e = Config::load("", Some(plain), None).unwrap_err();
+        assert!(e[0].message.contains("root on the host"), "{}", e[0]);
+        assert_eq!(e[0].line, Some(2));
+        assert!(keys_of(&format!("[docker]\ninsecure_plain_tcp_api = true\n{plain}")).is_empty());
+        let cert = "-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----";
+        let key = "-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----";
+        let tls = format!("[docker.tls]\nca = \"{cert}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{plain}");
+        assert!(keys_of(&tls).is_empty(), "{:?}", keys_of(&tls));
+        assert!(keys_of(&format!("[docker.tls]\non_volume = true\n{plain}")).is_empty());
+        assert_eq!(keys_of(&format!("[docker.tls]\nca = \"{cert}\"\n{plain}"))[0], "docker.tls");
+        assert_eq!(
+            keys_of("[docker.tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"),
+            ["docker.tls.ca", "docker.tls.cert", "docker.tls.key"]
+        );
+    }
+
+    #[test]
+    fn daemon_nesting_is_capped_without_recursing() {
+        let mut v = toml::Value::Integer(1);
+        for _ in 0..100_000 {
+            v = toml::Value::Array(vec![v]);
+        }
+        assert_eq!(depth(&v), 100_000);
+        let mut nested = String::from("1");
+        for _ in 0..20 {
+            nested = format!("[{nested}]");
+        }
+        let k = keys_of(&format!("[docker.daemon]\nx = {nested}\n"));
+        assert_eq!(k, ["docker.daemon.x"]);
+        // Dropping such a value must not recurse either (a stack overflow in PID 1 is a
+        // kernel panic): forget it here, the parser refuses deeper than 80 anyway.
+        std::mem::forget(v);
+    }
+}
