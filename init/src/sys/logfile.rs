@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// Does this daemon line deserve the console? (logrus `level=error`, Go panics, fatal errors.)
 pub fn is_error_line(line: &str) -> bool {
@@ -24,16 +24,39 @@ pub(crate) fn pump(reader: std::io::PipeReader, name: String, path: PathBuf, max
             return;
         }
     };
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(rx).lines();
-        let mut file = RollingFile::new(path, max_bytes);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if is_error_line(&line) {
-                crate::log!("{name}: {line}");
-            }
-            file.write_line(&line);
+    tokio::spawn(copy_lines(rx, name, RollingFile::new(path, max_bytes)));
+}
+
+/// The longest line kept whole; a longer one is cut there (a runaway daemon must not make
+/// PID 1 buffer without bound).
+pub const MAX_LINE: usize = 16 << 10;
+
+/// Copies a daemon's output line by line into `file`, error lines to the console too. Bytes
+/// that are not UTF-8 are shown as U+FFFD: a daemon's odd line never ends its log.
+pub(crate) async fn copy_lines<R: tokio::io::AsyncRead + Unpin>(
+    reader: R,
+    name: String,
+    mut file: RollingFile,
+) {
+    let mut reader = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let line = String::from_utf8_lossy(&buf[..n]);
+        let line = line.trim_end_matches(['\n', '\r']);
+        if is_error_line(line) {
+            crate::log!("{name}: {line}");
         }
-    });
+        file.write_line(line);
+    }
 }
 
 /// Appends lines to a file and rolls it over to `<file>.1` past `max_bytes`.
@@ -97,6 +120,24 @@ mod tests {
         assert!(!is_error_line(
             "time=\"...\" level=info msg=\"API listen on /run/docker.sock\""
         ));
+    }
+
+    #[tokio::test]
+    async fn odd_bytes_and_endless_lines_never_end_the_log() {
+        let dir = std::env::temp_dir().join(format!("spotinit-log8-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("d.log");
+        let mut input = b"first\n\xff\xfe not utf-8 \xc3\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend(b"\nlast\n");
+        copy_lines(&input[..], "d".into(), RollingFile::new(path.clone(), 1 << 20)).await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "first");
+        assert_eq!(lines[1], "\u{fffd}\u{fffd} not utf-8 \u{fffd}");
+        assert_eq!(lines[2].len(), MAX_LINE);
+        assert_eq!(*lines.last().unwrap(), "last");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
