@@ -266,7 +266,7 @@ pub async fn boot<S: System, P: Platform>(
                 .ok()
                 .flatten()
                 .and_then(|h| h.split('.').next().map(str::to_string))
-                .filter(|h| !h.is_empty())
+                .filter(|h| crate::config::is_hostname(h))
                 .unwrap_or_else(|| identity.instance_id.clone()),
         };
         if let Err(e) = sys.set_hostname(&hostname) {
@@ -359,16 +359,26 @@ pub async fn boot<S: System, P: Platform>(
         })
         .await?;
         phase("dockerd", async {
-            docker::write_daemon_json(paths, &config.docker).map_err(|e| e.to_string())?;
+            let tls = docker::tls_files(paths, &config.docker)?;
+            docker::write_daemon_json(paths, &config.docker, tls.as_ref())
+                .map_err(|e| e.to_string())?;
+            for host in docker::tcp_hosts(&config.docker) {
+                if tls.is_some() {
+                    crate::log!("docker: the Engine API listens on tcp://{host} with TLS; clients need a certificate of the configured CA");
+                } else {
+                    crate::log!("docker: WARNING: the Engine API listens on tcp://{host} WITHOUT TLS (docker.insecure_plain_tcp_api): anyone who reaches that port is root on this host");
+                }
+            }
             // Before dockerd, which starts the containers: they never run without the rules.
             if config.docker.block_imds && pid1 {
-                match docker::block_imds(sys, early.imds_endpoint.as_deref()).await {
+                let ipv6 = config.docker.daemon.get("ipv6") == Some(&toml::Value::Boolean(true));
+                match docker::block_imds(sys, early.imds_endpoint.as_deref(), ipv6).await {
                     Ok(r) => crate::log!(
                         "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
                     ),
-                    Err(e) => crate::log!(
-                        "docker: WARNING: could not keep containers away from IMDS: {e}; they may reach the instance role's credentials"
-                    ),
+                    Err(e) => return Err(format!(
+                        "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
+                    )),
                 }
             }
             m.supervisor
@@ -389,6 +399,7 @@ pub async fn boot<S: System, P: Platform>(
         human(started.elapsed()),
         resident_memory(paths)
     );
+    crate::log!("listening: {}", crate::listening::summary(paths));
     Ok(())
 }
 
@@ -405,6 +416,14 @@ pub async fn start_ssh<S: System, M: Metadata>(
     } else {
         None
     };
+    // IMDS serves what the launch gave: checked like ssh.authorized_keys.
+    let pair = pair.filter(|k| match crate::config::ssh_key_problem(k) {
+        None => true,
+        Some(why) => {
+            crate::log!("ssh: ignoring the EC2 key pair from IMDS: {why}");
+            false
+        }
+    });
     let keys = services::ssh::authorized_keys(&config.ssh, pair.as_deref());
     if keys.is_empty() {
         crate::log!("ssh: off (no EC2 key pair and no ssh.authorized_keys)");

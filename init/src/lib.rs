@@ -11,6 +11,7 @@ pub mod config;
 pub mod critical;
 pub mod host;
 pub mod lifecycle;
+pub mod listening;
 pub mod power;
 pub mod retry;
 pub mod run;

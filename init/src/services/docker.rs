@@ -13,6 +13,10 @@ pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 pub const DOCKER_SOCKET: &str = "/run/docker.sock";
 pub const DAEMON_JSON: &str = "/run/spotinit/daemon.json";
 pub const DATA_ROOT: &str = "/var/lib/docker";
+/// Where the Engine API's TLS files are written from user data.
+pub const TLS_DIR: &str = "/run/spotinit/docker-tls";
+/// Where they are taken from on the state volume (`docker.tls.on_volume`).
+pub const VOLUME_TLS_DIR: &str = ".spotinit/docker-tls";
 pub const LOG_DIR: &str = "/var/log/spotinit";
 const LOG_MAX_BYTES: u64 = 4 << 20;
 
@@ -47,8 +51,74 @@ pub fn dockerd(paths: &Paths, cfg: &Docker) -> ServiceSpec {
     .stop_timeout(Duration::from_secs(cfg.stop_timeout_secs + 15))
 }
 
+/// The Engine API's TLS files: the clients' CA, the server's certificate and key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Writes the PEM text of `[docker.tls]` to tmpfs (the key readable by root only), or checks
+/// the files on the state volume. None without TLS.
+pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, String> {
+    let t = &cfg.tls;
+    if t.on_volume {
+        let dir = paths
+            .p(crate::volume::layout::VOLUME_MOUNT)
+            .join(VOLUME_TLS_DIR);
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        for f in [&files.ca, &files.cert, &files.key] {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                format!(
+                    "docker.tls.on_volume: cannot read {} on the state volume ({e}); put the clients' CA (ca.pem), the server's certificate (cert.pem) and key (key.pem) in {VOLUME_TLS_DIR}/ on it",
+                    f.display()
+                )
+            })?;
+            if !text.trim_start().starts_with("-----BEGIN ") {
+                return Err(format!(
+                    "docker.tls.on_volume: {} is not PEM text",
+                    f.display()
+                ));
+            }
+        }
+        return Ok(Some(files));
+    }
+    let (Some(ca), Some(cert), Some(key)) = (&t.ca, &t.cert, &t.key) else {
+        return Ok(None);
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = paths.p(TLS_DIR);
+    let io = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    for (path, text, mode) in [
+        (&files.ca, ca, 0o644),
+        (&files.cert, cert, 0o644),
+        (&files.key, key, 0o600),
+    ] {
+        let _ = std::fs::remove_file(path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| io(path, e))?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(path, e))?;
+    }
+    Ok(Some(files))
+}
+
 /// daemon.json: the keys spotinit owns, then the user's extra keys (validated not to clash).
-pub fn daemon_json(cfg: &Docker) -> serde_json::Value {
+pub fn daemon_json(cfg: &Docker, tls: Option<&TlsFiles>) -> serde_json::Value {
     let mut doc = serde_json::Map::new();
     for (k, v) in &cfg.daemon {
         doc.insert(k.clone(), toml_to_json(v));
@@ -58,6 +128,12 @@ pub fn daemon_json(cfg: &Docker) -> serde_json::Value {
     doc.insert("exec-root".into(), "/run/docker".into());
     doc.insert("pidfile".into(), "/run/docker.pid".into());
     doc.insert("shutdown-timeout".into(), cfg.stop_timeout_secs.into());
+    if let Some(t) = tls {
+        doc.insert("tlsverify".into(), true.into());
+        doc.insert("tlscacert".into(), t.ca.display().to_string().into());
+        doc.insert("tlscert".into(), t.cert.display().to_string().into());
+        doc.insert("tlskey".into(), t.key.display().to_string().into());
+    }
     // Our own readiness check needs the unix socket, whatever else the user listens on.
     let unix = format!("unix://{DOCKER_SOCKET}");
     let mut hosts: Vec<serde_json::Value> = doc
@@ -89,14 +165,31 @@ fn toml_to_json(v: &toml::Value) -> serde_json::Value {
     }
 }
 
-pub fn write_daemon_json(paths: &Paths, cfg: &Docker) -> std::io::Result<PathBuf> {
+pub fn write_daemon_json(
+    paths: &Paths,
+    cfg: &Docker,
+    tls: Option<&TlsFiles>,
+) -> std::io::Result<PathBuf> {
     let path = paths.p(DAEMON_JSON);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let text = serde_json::to_string_pretty(&daemon_json(cfg)).unwrap_or_default();
+    let text = serde_json::to_string_pretty(&daemon_json(cfg, tls)).unwrap_or_default();
     std::fs::write(&path, text + "\n")?;
     Ok(path)
+}
+
+/// The `tcp://` addresses the Engine API will listen on.
+pub fn tcp_hosts(cfg: &Docker) -> Vec<String> {
+    cfg.daemon
+        .get("hosts")
+        .and_then(|h| h.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| h.as_str()?.strip_prefix("tcp://").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The iptables rules that keep containers on Docker's networks (the FORWARD path through
@@ -148,6 +241,7 @@ pub fn user_chain(tool: &str) -> CommandSpec {
 pub async fn block_imds<S: System + ?Sized>(
     sys: &S,
     imds_endpoint: Option<&str>,
+    ipv6_containers: bool,
 ) -> Result<String, String> {
     for tool in ["iptables", "ip6tables"] {
         // Fails when the chain exists already: fine.
@@ -158,8 +252,9 @@ pub async fn block_imds<S: System + ?Sized>(
         let dest = rule.args[4].clone();
         match crate::sys::run(sys, &rule).await {
             Ok(()) => done.push(dest),
-            Err(e) if rule.program.ends_with("ip6tables") => {
-                crate::log!("docker: no IPv6 IMDS rule ({e})");
+            // Without docker.daemon.ipv6 containers have no IPv6 to reach fd00:ec2::254 with.
+            Err(e) if rule.program.ends_with("ip6tables") && !ipv6_containers => {
+                crate::log!("docker: no IPv6 IMDS rule ({e}); containers have no IPv6");
             }
             Err(e) => return Err(e),
         }
@@ -281,7 +376,7 @@ mod tests {
             "hosts".into(),
             toml::Value::Array(vec!["tcp://0.0.0.0:2375".into()]),
         );
-        let j = daemon_json(&cfg);
+        let j = daemon_json(&cfg, None);
         assert_eq!(j["data-root"], "/var/lib/docker");
         assert_eq!(j["storage-driver"], "overlay2");
         assert_eq!(j["log-driver"], "local");
@@ -290,6 +385,34 @@ mod tests {
             j["hosts"],
             serde_json::json!(["unix:///run/docker.sock", "tcp://0.0.0.0:2375"])
         );
+    }
+
+    #[test]
+    fn tls_from_user_data_is_written_with_a_private_key_and_named_in_daemon_json() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("spotinit-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let paths = Paths::under(&root);
+        let mut cfg = Docker::default();
+        assert_eq!(tls_files(&paths, &cfg).unwrap(), None);
+        cfg.tls.ca = Some("-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".into());
+        cfg.tls.cert = Some("-----BEGIN CERTIFICATE-----\nS\n-----END CERTIFICATE-----\n".into());
+        cfg.tls.key = Some("-----BEGIN PRIVATE KEY-----\nK\n-----END PRIVATE KEY-----\n".into());
+        let files = tls_files(&paths, &cfg).unwrap().unwrap();
+        let mode = std::fs::metadata(&files.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(std::fs::read_to_string(&files.ca).unwrap().contains("CA"));
+        let j = daemon_json(&cfg, Some(&files));
+        assert_eq!(j["tlsverify"], true);
+        assert_eq!(j["tlskey"], files.key.display().to_string());
+        // On the volume: missing files are named.
+        cfg.tls = crate::config::DockerTls {
+            on_volume: true,
+            ..Default::default()
+        };
+        let e = tls_files(&paths, &cfg).unwrap_err();
+        assert!(e.contains("ca.pem") && e.contains(".spotinit/docker-tls"), "{e}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
