@@ -107,6 +107,40 @@ pub struct Request {
     pub code: Option<String>,
 }
 
+/// One attachment of a volume to an instance as EC2 (moto) holds it: from the moment an
+/// AttachVolume reached moto until the volume was let go of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub volume: String,
+    pub instance: String,
+    pub device: String,
+    pub from: Instant,
+    /// `None` while it lasts.
+    pub until: Option<Instant>,
+    pub ended_by: Option<AttachmentEnd>,
+}
+
+/// How an attachment ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachmentEnd {
+    /// A DetachVolume completed.
+    Detached,
+    /// A force-detach let go of it (busy, detaching, or held by a terminating instance).
+    ForceDetached,
+    /// The instance was terminated and EC2 released its volumes after the release delay.
+    Released,
+    /// The block-device side could not attach it: the attachment was undone.
+    AttachFailed,
+}
+
+impl Attachment {
+    /// Whether the two attachments were in force at a common instant (an open one lasts until
+    /// `now`).
+    pub fn overlaps(&self, other: &Attachment, now: Instant) -> bool {
+        self.from < other.until.unwrap_or(now) && other.from < self.until.unwrap_or(now)
+    }
+}
+
 impl Request {
     /// The first value of a parameter.
     pub fn param(&self, key: &str) -> Option<&str> {
@@ -154,6 +188,8 @@ struct State {
     callers: HashMap<String, String>,
     requests: Vec<Request>,
     moto_requests: Vec<Request>,
+    /// Every attachment that reached moto, in the order they did.
+    attachments: Vec<Attachment>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +303,11 @@ impl Fidelity {
             .push((fault, rate.clamp(0.0, 1.0)));
     }
 
+    /// Ends every [`Fidelity::inject_rate`] (queued [`Fidelity::inject`] faults stay).
+    pub fn clear_fault_rates(&self) {
+        self.shared.lock().fault_rates.clear();
+    }
+
     /// From now on every request of `action` gets `UnauthorizedOperation`, as with an IAM
     /// policy that lacks `ec2:<action>`.
     pub fn deny(&self, action: &str) {
@@ -295,6 +336,13 @@ impl Fidelity {
     /// Every request the layer sent to moto so far (its own checks excluded), in order.
     pub fn moto_requests(&self) -> Vec<Request> {
         self.shared.lock().moto_requests.clone()
+    }
+
+    /// Every attachment so far, in the order its AttachVolume reached moto: open until the
+    /// detach completes, a force-detach lets go, or a termination's release frees the volume.
+    /// Two attachments of one volume that overlap in time are what EC2 never allows.
+    pub fn attachment_history(&self) -> Vec<Attachment> {
+        self.shared.lock().attachments.clone()
     }
 
     /// Terminates `instance_id` as EC2 does after a spot interruption (the simulator calls this
@@ -779,14 +827,25 @@ impl Shared {
             return Ok((status, body));
         }
         let generation = self.next_generation();
-        self.lock().volumes.insert(
-            volume_id.to_string(),
-            VolumePhase::Attaching {
+        {
+            let mut state = self.lock();
+            state.volumes.insert(
+                volume_id.to_string(),
+                VolumePhase::Attaching {
+                    instance: instance_id.to_string(),
+                    device: device.to_string(),
+                    generation,
+                },
+            );
+            state.attachments.push(Attachment {
+                volume: volume_id.to_string(),
                 instance: instance_id.to_string(),
                 device: device.to_string(),
-                generation,
-            },
-        );
+                from: Instant::now(),
+                until: None,
+                ended_by: None,
+            });
+        }
         let shared = self.clone();
         let (volume_id, instance_id) = (volume_id.to_string(), instance_id.to_string());
         self.spawn(async move {
@@ -830,7 +889,7 @@ impl Shared {
                      block-device layer: {why}; the attachment is dropped and the volume is \
                      available again"
                 );
-                if let Err(e) = self
+                match self
                     .moto_call(
                         "DetachVolume",
                         &[("VolumeId", &volume_id), ("InstanceId", &instance_id)],
@@ -838,7 +897,12 @@ impl Shared {
                     )
                     .await
                 {
-                    eprintln!("spotworld fidelity: undoing the attachment of {volume_id} in moto failed: {e}");
+                    Ok(_) => self.lock().end_attachment(
+                        &volume_id,
+                        &instance_id,
+                        AttachmentEnd::AttachFailed,
+                    ),
+                    Err(e) => eprintln!("spotworld fidelity: undoing the attachment of {volume_id} in moto failed: {e}"),
                 }
                 self.lock().volumes.remove(&volume_id);
             }
@@ -919,7 +983,11 @@ impl Shared {
                     authorization,
                 )
                 .await?;
-                self.lock().volumes.remove(volume_id);
+                {
+                    let mut state = self.lock();
+                    state.volumes.remove(volume_id);
+                    state.end_attachment(volume_id, &instance, AttachmentEnd::ForceDetached);
+                }
                 eprintln!(
                     "spotworld fidelity: {volume_id} force-detached from terminating {instance}"
                 );
@@ -938,7 +1006,11 @@ impl Shared {
                     authorization,
                 )
                 .await?;
-                self.lock().volumes.remove(volume_id);
+                {
+                    let mut state = self.lock();
+                    state.volumes.remove(volume_id);
+                    state.end_attachment(volume_id, &holder, AttachmentEnd::ForceDetached);
+                }
                 Ok((200, answer("detaching")))
             }
             // Asking again while it is under way changes nothing.
@@ -989,7 +1061,7 @@ impl Shared {
         };
         match result {
             Ok(()) => {
-                if let Err(e) = self
+                match self
                     .moto_call(
                         "DetachVolume",
                         &[("VolumeId", &volume_id), ("InstanceId", &instance_id)],
@@ -997,7 +1069,12 @@ impl Shared {
                     )
                     .await
                 {
-                    eprintln!("spotworld fidelity: detaching {volume_id} from {instance_id} in moto failed: {e}");
+                    Ok(_) => self.lock().end_attachment(
+                        &volume_id,
+                        &instance_id,
+                        AttachmentEnd::Detached,
+                    ),
+                    Err(e) => eprintln!("spotworld fidelity: detaching {volume_id} from {instance_id} in moto failed: {e}"),
                 }
                 self.lock().volumes.remove(&volume_id);
             }
@@ -1095,19 +1172,20 @@ impl Shared {
             tokio::time::sleep_until(termination.release_at.into()).await;
             let _guard = shared.mutations.lock().await;
             // Now moto may terminate it: that frees whatever is still attached.
-            if let Err(e) = shared
+            let released = shared
                 .moto_call(
                     "TerminateInstances",
                     &[("InstanceId.1", &instance_id)],
                     None,
                 )
-                .await
-            {
-                eprintln!(
-                    "spotworld fidelity: TerminateInstances {instance_id} in moto failed: {e}"
-                );
-            }
+                .await;
             let mut state = shared.lock();
+            match released {
+                Ok(_) => state.end_attachments_of(&instance_id, AttachmentEnd::Released),
+                Err(e) => eprintln!(
+                    "spotworld fidelity: TerminateInstances {instance_id} in moto failed: {e}"
+                ),
+            }
             state.volumes.retain(|_, phase| {
                 !matches!(phase, VolumePhase::Held { instance, .. } if *instance == instance_id)
             });
@@ -1446,6 +1524,32 @@ impl Shared {
 }
 
 impl State {
+    /// Closes the open attachment of `volume` to `instance`, now.
+    fn end_attachment(&mut self, volume: &str, instance: &str, how: AttachmentEnd) {
+        let now = Instant::now();
+        for a in self
+            .attachments
+            .iter_mut()
+            .filter(|a| a.until.is_none() && a.volume == volume && a.instance == instance)
+        {
+            a.until = Some(now);
+            a.ended_by = Some(how);
+        }
+    }
+
+    /// Closes every open attachment of `instance`, now.
+    fn end_attachments_of(&mut self, instance: &str, how: AttachmentEnd) {
+        let now = Instant::now();
+        for a in self
+            .attachments
+            .iter_mut()
+            .filter(|a| a.until.is_none() && a.instance == instance)
+        {
+            a.until = Some(now);
+            a.ended_by = Some(how);
+        }
+    }
+
     /// The state and code DescribeInstances shows for an instance being terminated.
     fn instance_view(&self, instance_id: &str, now: Instant) -> Option<(&'static str, u32)> {
         let t = self.terminations.get(instance_id)?;

@@ -12,7 +12,7 @@ use aws_sdk_ec2::types::{
     Filter, InstanceStateName, ResourceType, SnapshotState, Tag, TagSpecification,
     VolumeAttachmentState, VolumeState,
 };
-use spotworld::fidelity::{Fault, Fidelity, Settings};
+use spotworld::fidelity::{AttachmentEnd, Fault, Fidelity, Settings};
 use spotworld::moto::MotoServer;
 use spotworld::{BoxFuture, EbsHooks};
 use tokio::sync::Semaphore;
@@ -879,6 +879,109 @@ async fn a_force_detach_releases_a_held_volume_at_once() {
     assert_ne!(w.instance_state(&dead).await.0, InstanceStateName::Running);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attachment_history_spans_each_attachment_from_moto_to_its_end() {
+    let w = world(fast_settings()).await;
+    let settings = w.fidelity.settings().clone();
+    let a = w.run_instance(ZONE_A).await;
+    let b = w.run_instance(ZONE_A).await;
+    let c = w.run_instance(ZONE_A).await;
+    let d = w.run_instance(ZONE_A).await;
+    let elsewhere = w.run_instance(ZONE_B).await;
+    let volume = w.create_volume(ZONE_A, 10).await;
+
+    // Refused before moto: no attachment.
+    let (code, _) = w.attach_error(&volume, &elsewhere, "/dev/sdf").await;
+    assert_eq!(code, "InvalidVolume.ZoneMismatch");
+    assert!(w.fidelity.attachment_history().is_empty());
+
+    // Attached, then detached: open from the attach until the detach completed.
+    let asked = Instant::now();
+    w.attach(&volume, &a, "/dev/sdf").await;
+    let history = w.fidelity.attachment_history();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(
+        (history[0].volume.as_str(), history[0].instance.as_str()),
+        (volume.as_str(), a.as_str())
+    );
+    assert_eq!(history[0].device, "/dev/sdf");
+    assert!(history[0].from >= asked);
+    assert_eq!((history[0].until, history[0].ended_by), (None, None));
+    let (code, _) = w.attach_error(&volume, &b, "/dev/sdg").await;
+    assert_eq!(code, "VolumeInUse");
+    assert_eq!(w.fidelity.attachment_history().len(), 1);
+    w.wait_attachment(&volume, "attached", Duration::from_secs(5))
+        .await;
+    w.ec2
+        .detach_volume()
+        .volume_id(&volume)
+        .instance_id(&a)
+        .send()
+        .await
+        .expect("DetachVolume");
+    // Still in force while detaching.
+    assert_eq!(w.fidelity.attachment_history()[0].until, None);
+    w.wait_volume(&volume, "available", Duration::from_secs(5))
+        .await;
+    let first = w.fidelity.attachment_history()[0].clone();
+    assert_eq!(first.ended_by, Some(AttachmentEnd::Detached));
+    let lasted = first.until.expect("closed") - first.from;
+    assert!(
+        lasted >= settings.attach_latency + settings.detach_latency,
+        "{lasted:?}"
+    );
+
+    // The holder is terminated: held until EC2's release delay, then released.
+    w.attach(&volume, &b, "/dev/sdf").await;
+    w.wait_attachment(&volume, "attached", Duration::from_secs(5))
+        .await;
+    let killed = Instant::now();
+    w.fidelity.terminate(&b).await.expect("terminate");
+    assert_eq!(w.fidelity.attachment_history()[1].until, None);
+    w.wait_volume(&volume, "available", Duration::from_secs(10))
+        .await;
+    let second = w.fidelity.attachment_history()[1].clone();
+    assert_eq!(second.instance, b);
+    assert_eq!(second.ended_by, Some(AttachmentEnd::Released));
+    assert!(second.until.expect("closed") >= killed + settings.release_after_termination);
+
+    // A force-detach lets go of a held volume at once.
+    w.attach(&volume, &c, "/dev/sdf").await;
+    w.wait_attachment(&volume, "attached", Duration::from_secs(5))
+        .await;
+    w.fidelity.terminate(&c).await.expect("terminate");
+    let forced = Instant::now();
+    w.ec2
+        .detach_volume()
+        .volume_id(&volume)
+        .force(true)
+        .send()
+        .await
+        .expect("force-detach");
+    let third = w.fidelity.attachment_history()[2].clone();
+    assert_eq!(third.instance, c);
+    assert_eq!(third.ended_by, Some(AttachmentEnd::ForceDetached));
+    assert!(third.until.expect("closed") >= forced);
+
+    // The block device never appeared: the attachment is undone.
+    *w.hooks.fail_attach.lock().unwrap() = Some("no free PCIe root port".into());
+    w.attach(&volume, &d, "/dev/sdf").await;
+    w.wait_volume(&volume, "available", Duration::from_secs(5))
+        .await;
+    let history = w.fidelity.attachment_history();
+    assert_eq!(history.len(), 4, "{history:?}");
+    assert_eq!(history[3].instance, d);
+    assert_eq!(history[3].ended_by, Some(AttachmentEnd::AttachFailed));
+
+    // One at a time, as EC2 allows.
+    let now = Instant::now();
+    for (i, x) in history.iter().enumerate() {
+        for y in &history[i + 1..] {
+            assert!(!x.overlaps(y, now), "{x:?} overlaps {y:?}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Snapshots
 // ---------------------------------------------------------------------------------------------
@@ -1204,6 +1307,16 @@ async fn an_incorrect_state_fault_and_fault_rates_reach_the_sdk() {
         (15..=70).contains(&throttled),
         "{throttled} of 200 throttled"
     );
+    // Cleared: every request served again.
+    w.fidelity.clear_fault_rates();
+    for _ in 0..20 {
+        w.ec2_once
+            .describe_volumes()
+            .volume_ids(&volume)
+            .send()
+            .await
+            .expect("no fault after clear_fault_rates");
+    }
 }
 
 #[tokio::test]
