@@ -20,9 +20,7 @@ impl Listener {
     pub fn loopback(&self) -> bool {
         match self.addr {
             IpAddr::V4(a) => a.is_loopback(),
-            IpAddr::V6(a) => {
-                a.is_loopback() || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback())
-            }
+            IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
         }
     }
 }
@@ -80,7 +78,12 @@ fn owners(paths: &Paths) -> HashMap<u64, String> {
         return out;
     };
     for p in procs.flatten() {
-        if !p.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        {
             continue;
         }
         let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
@@ -169,7 +172,10 @@ mod tests {
         assert_eq!((t[1].port, t[1].loopback(), t[1].inode), (22, false, 102));
         let t6 = parse_table("tcp6", TCP6);
         assert!(t6[0].loopback() && t6[0].port == 323);
-        assert_eq!((t6[1].addr, t6[1].port), (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 2376));
+        assert_eq!(
+            (t6[1].addr, t6[1].port),
+            (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 2376)
+        );
         let u = parse_table("udp", UDP);
         assert_eq!(u.len(), 1, "a connected client socket is not listening");
         assert!(u[0].loopback());

@@ -11,10 +11,10 @@ use crate::cloud::imds::Imds;
 use crate::cloud::{CloudError, Identity};
 use crate::config::{Config, FailureAction};
 use crate::shutdown::{drain, Request, Then};
-#[cfg(feature = "aws")]
-use crate::sys::{Linux, Paths, PowerAction, System};
 #[cfg(not(feature = "aws"))]
 use crate::sys::System;
+#[cfg(feature = "aws")]
+use crate::sys::{Linux, Paths, PowerAction, System};
 #[cfg(feature = "aws")]
 use crate::volume::device::DeviceWatcher;
 #[cfg(feature = "aws")]

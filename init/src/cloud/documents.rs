@@ -31,7 +31,9 @@ pub fn parse_identity(doc: &str) -> Result<Identity, String> {
     let zone_ok = zone.len() <= 32
         && zone.len() > d.region.len()
         && zone.starts_with(d.region.as_str())
-        && zone.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && zone
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !(instance_ok && region_ok && zone_ok) {
         return Err(
             "the identity document's instanceId, region or availabilityZone is not of EC2's form"
@@ -104,6 +106,9 @@ mod tests {
         assert!(parse_identity(&doc("i-0abc1234", "eu-west-1", "euw1-az1")).is_err());
         assert!(parse_identity(&doc("i-0abc/../x", "eu-west-1", "eu-west-1a")).is_err());
         assert!(parse_identity(&doc("i-0abc1234", "eu west 1", "eu west 1a")).is_err());
-        assert_eq!(parse_rebalance(r#"{"noticeTime":"2026-11-26T12:00:00Z"}"#), "2026-11-26T12:00:00Z");
+        assert_eq!(
+            parse_rebalance(r#"{"noticeTime":"2026-11-26T12:00:00Z"}"#),
+            "2026-11-26T12:00:00Z"
+        );
     }
 }

@@ -10,7 +10,6 @@ use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, VolumeType
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-
 #[derive(Clone, Debug)]
 pub struct Ec2Client {
     client: aws_sdk_ec2::Client,

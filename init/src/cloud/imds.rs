@@ -23,7 +23,6 @@ pub struct Imds {
     chosen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-
 fn client_for(endpoint: &str) -> Result<Client, CloudError> {
     let provider = ProviderConfig::empty()
         .with_http_client(http_client())
@@ -144,7 +143,6 @@ fn imds_error(path: &str, e: ImdsError) -> CloudError {
     }
 }
 
-
 impl Metadata for Imds {
     async fn identity(&self) -> Result<Identity, CloudError> {
         let path = "/latest/dynamic/instance-identity/document";
@@ -187,6 +185,9 @@ impl Metadata for Imds {
 
     async fn rebalance(&self) -> Result<Option<String>, CloudError> {
         let path = "/latest/meta-data/events/recommendations/rebalance";
-        Ok(self.get_optional(path).await?.map(|doc| parse_rebalance(&doc)))
+        Ok(self
+            .get_optional(path)
+            .await?
+            .map(|doc| parse_rebalance(&doc)))
     }
 }

@@ -19,14 +19,24 @@ const BOUNDS: &[(&str, u64, u64, &str)] = &[
     ("volume.iops", 100, 256_000, "IOPS"),
     ("volume.throughput_mibps", 125, 2000, "MiB/s"),
     ("volume.attach_timeout_secs", 10, 3600, "seconds"),
-    ("volume.release_wait_secs", 60, 86400, "seconds (EC2 takes minutes to release a volume)"),
+    (
+        "volume.release_wait_secs",
+        60,
+        86400,
+        "seconds (EC2 takes minutes to release a volume)",
+    ),
     ("volume.device_timeout_secs", 5, 3600, "seconds"),
     ("volume.snapshot_timeout_secs", 60, 86400, "seconds"),
     ("docker.stop_timeout_secs", 1, 3600, "seconds"),
     ("docker.start_timeout_secs", 5, 3600, "seconds"),
     ("failure.retry_for_secs", 0, 604_800, "seconds (a week)"),
     ("failure.retry_interval_secs", 1, 3600, "seconds"),
-    ("spot.poll_secs", 1, 5, "seconds (the notice gives two minutes at best)"),
+    (
+        "spot.poll_secs",
+        1,
+        5,
+        "seconds (the notice gives two minutes at best)",
+    ),
     ("snapshots.interval_minutes", 0, 43200, "minutes (30 days)"),
     ("snapshots.keep", 1, 1000, "snapshots"),
     ("time.sync_timeout_secs", 1, 600, "seconds"),
@@ -35,7 +45,10 @@ const BOUNDS: &[(&str, u64, u64, &str)] = &[
 
 /// daemon.json keys spotinit sets itself.
 const OWNED_DAEMON_KEYS: &[(&str, &str)] = &[
-    ("data-root", "spotinit puts Docker's state on the state volume"),
+    (
+        "data-root",
+        "spotinit puts Docker's state on the state volume",
+    ),
     ("storage-driver", "use docker.storage_driver"),
     ("containerd", "spotinit runs containerd"),
     ("exec-root", "spotinit sets it"),
@@ -171,7 +184,9 @@ fn base64_prefix(s: &str, want: usize) -> Option<Vec<u8>> {
 pub fn ssh_key_problem(k: &str) -> Option<String> {
     let k = k.trim();
     if k.is_empty() || k.len() > 16 << 10 || has_control(k) {
-        return Some("not one OpenSSH public key on one line (at most 16 KiB, no control characters)".into());
+        return Some(
+            "not one OpenSSH public key on one line (at most 16 KiB, no control characters)".into(),
+        );
     }
     let mut f = k.splitn(3, ' ');
     let (kind, blob) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
@@ -235,8 +250,14 @@ pub fn is_region(r: &str) -> bool {
     let parts: Vec<&str> = r.split('-').collect();
     parts.len() >= 3
         && parts[0].len() == 2
-        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
-        && parts.last().is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
+        && parts
+            .last()
+            .is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// An http(s) URL with a host, on one line.
@@ -350,8 +371,7 @@ impl Config {
             ));
         }
         for (k, val) in &v.tags {
-            let problem = if k.is_empty() || k.chars().count() > 128 || val.chars().count() > 256
-            {
+            let problem = if k.is_empty() || k.chars().count() > 128 || val.chars().count() > 256 {
                 Some("EC2 takes tag keys of 1 to 128 characters and values of at most 256".into())
             } else if crate::cloud::is_reserved_tag_key(k) {
                 Some("tag keys starting with aws: are reserved for AWS; EC2 refuses them".into())
@@ -451,7 +471,9 @@ impl Config {
             if depth(v) > MAX_DAEMON_DEPTH {
                 p.push((
                     format!("docker.daemon.{}", shown(k)),
-                    format!("nests deeper than {MAX_DAEMON_DEPTH} levels; no daemon.json setting does"),
+                    format!(
+                        "nests deeper than {MAX_DAEMON_DEPTH} levels; no daemon.json setting does"
+                    ),
                 ));
             }
         }
@@ -577,10 +599,7 @@ impl Config {
             }
         }
         if self.ssh.authorized_keys.len() > 100 {
-            p.push((
-                "ssh.authorized_keys".into(),
-                "at most 100 keys".into(),
-            ));
+            p.push(("ssh.authorized_keys".into(), "at most 100 keys".into()));
         }
         for (i, k) in self.ssh.authorized_keys.iter().enumerate() {
             if let Some(why) = ssh_key_problem(k) {
@@ -593,8 +612,7 @@ impl Config {
         if self.time.servers.is_empty() || self.time.servers.len() > 8 {
             p.push((
                 "time.servers".into(),
-                "1 to 8 NTP servers: SigV4-signed EC2 calls fail with a clock 5 minutes off"
-                    .into(),
+                "1 to 8 NTP servers: SigV4-signed EC2 calls fail with a clock 5 minutes off".into(),
             ));
         }
         for s in &self.time.servers {
@@ -686,7 +704,12 @@ mod tests {
     #[test]
     fn ssh_keys_are_one_known_key_each() {
         assert_eq!(ssh_key_problem(ED25519), None);
-        assert_eq!(ssh_key_problem("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"), None);
+        assert_eq!(
+            ssh_key_problem(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+            ),
+            None
+        );
         let two = format!("{ED25519}\n{ED25519}");
         assert!(ssh_key_problem(&two).unwrap().contains("one line"));
         assert!(ssh_key_problem(&format!("command=\"/bin/sh\" {ED25519}"))
@@ -694,9 +717,11 @@ mod tests {
             .contains("options"));
         assert!(ssh_key_problem("ssh-dss AAAAB3NzaC1kc3M=").is_some());
         // A blob of another type under this name.
-        assert!(ssh_key_problem("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
-            .unwrap()
-            .contains("not a ssh-rsa key"));
+        assert!(ssh_key_problem(
+            "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+        )
+        .unwrap()
+        .contains("not a ssh-rsa key"));
         assert!(ssh_key_problem("ssh-ed25519 !!!!").is_some());
     }
 
@@ -780,7 +805,9 @@ mod tests {
             ]
         );
         // Knowingly, without the IMDS block.
-        assert!(keys_of("[docker]\nblock_imds = false\n[docker.daemon]\niptables = false\n").is_empty());
+        assert!(
+            keys_of("[docker]\nblock_imds = false\n[docker.daemon]\niptables = false\n").is_empty()
+        );
         let plain = "[docker.daemon]\nhosts = [\"tcp://0.0.0.0:2375\"]\n";
         let e = Config::load("", Some(plain), None).unwrap_err();
         assert!(e[0].message.contains("root on the host"), "{}", e[0]);
@@ -788,10 +815,14 @@ mod tests {
         assert!(keys_of(&format!("[docker]\ninsecure_plain_tcp_api = true\n{plain}")).is_empty());
         let cert = "-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----";
         let key = "-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----";
-        let tls = format!("[docker.tls]\nca = \"{cert}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{plain}");
+        let tls =
+            format!("[docker.tls]\nca = \"{cert}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{plain}");
         assert!(keys_of(&tls).is_empty(), "{:?}", keys_of(&tls));
         assert!(keys_of(&format!("[docker.tls]\non_volume = true\n{plain}")).is_empty());
-        assert_eq!(keys_of(&format!("[docker.tls]\nca = \"{cert}\"\n{plain}"))[0], "docker.tls");
+        assert_eq!(
+            keys_of(&format!("[docker.tls]\nca = \"{cert}\"\n{plain}"))[0],
+            "docker.tls"
+        );
         assert_eq!(
             keys_of("[docker.tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"),
             ["docker.tls.ca", "docker.tls.cert", "docker.tls.key"]

@@ -95,9 +95,7 @@ pub fn redact(message: &str) -> String {
         while let Some(i) = rest.find(kind) {
             redacted.push_str(&rest[..i + kind.len()]);
             let after = &rest[i + kind.len()..];
-            let end = after
-                .find([',', ' '])
-                .unwrap_or(after.len());
+            let end = after.find([',', ' ']).unwrap_or(after.len());
             redacted.push('…');
             rest = &after[end..];
         }
@@ -257,7 +255,6 @@ pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
     None
 }
 
-
 /// A key as it may appear in a message: at most 64 characters of it.
 fn redact_key(key: &str) -> String {
     match key.char_indices().nth(64) {
@@ -317,7 +314,10 @@ mod tests {
         let e = Config::load("", Some(user), None).unwrap_err();
         let shown = e[0].to_string();
         assert!(!shown.contains("s3cr3t"), "{shown}");
-        assert!(shown.contains("line 2") && shown.contains("stop_timeout_secs"), "{shown}");
+        assert!(
+            shown.contains("line 2") && shown.contains("stop_timeout_secs"),
+            "{shown}"
+        );
         let e = Config::load("spotinit.docker.stop_timeout_secs=s3cr3t", None, None).unwrap_err();
         assert!(!e[0].to_string().contains("s3cr3t"), "{}", e[0]);
     }

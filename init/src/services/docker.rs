@@ -411,7 +411,10 @@ mod tests {
             ..Default::default()
         };
         let e = tls_files(&paths, &cfg).unwrap_err();
-        assert!(e.contains("ca.pem") && e.contains(".spotinit/docker-tls"), "{e}");
+        assert!(
+            e.contains("ca.pem") && e.contains(".spotinit/docker-tls"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -130,7 +130,12 @@ mod tests {
         let mut input = b"first\n\xff\xfe not utf-8 \xc3\n".to_vec();
         input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
         input.extend(b"\nlast\n");
-        copy_lines(&input[..], "d".into(), RollingFile::new(path.clone(), 1 << 20)).await;
+        copy_lines(
+            &input[..],
+            "d".into(),
+            RollingFile::new(path.clone(), 1 << 20),
+        )
+        .await;
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "first");
