@@ -1,4 +1,5 @@
-//! A minimal Docker Engine API client over a forwarded TCP port, and the test service: a
+//! A minimal Docker Engine API client over a forwarded TCP port — TLS with the test PKI's client
+//! certificate ([`crate::tls`]), as a careful user reaches dockerd — and the test service: a
 //! counter kept on a Docker volume, served by busybox httpd in an image made on the host.
 //!
 //! No registry is reachable from the guests, so the image is a tarball built here from
@@ -14,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -25,11 +24,11 @@ use crate::qemu::{Error, Result};
 /// One API request may take this long (an image import of a few MiB under TCG included).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
 
-/// The Docker Engine API at `127.0.0.1:<port>`.
+/// The Docker Engine API at `127.0.0.1:<port>`, over TLS.
 #[derive(Clone)]
 pub struct Docker {
     port: u16,
-    http: Client<HttpConnector, Full<Bytes>>,
+    tls: tokio_rustls::TlsConnector,
 }
 
 /// A container as `GET /containers/json` lists it.
@@ -61,15 +60,14 @@ pub struct ContainerSpec {
 }
 
 impl Docker {
+    /// A client presenting the test PKI's client certificate, trusting only its CA.
     pub fn new(port: u16) -> Docker {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let config = crate::tls::Pki::get()
+            .and_then(|p| p.client_config())
+            .unwrap_or_else(|e| panic!("the test PKI for the Docker API: {e}"));
         Docker {
             port,
-            http: Client::builder(TokioExecutor::new())
-                // slirp keeps accepting on the host side while the guest end is gone: no reuse.
-                .pool_max_idle_per_host(0)
-                .build(connector),
+            tls: tokio_rustls::TlsConnector::from(config),
         }
     }
 
@@ -88,7 +86,7 @@ impl Docker {
         let what = format!("Docker API {method} {path} (127.0.0.1:{})", self.port);
         let mut req = hyper::Request::builder()
             .method(method)
-            .uri(format!("http://127.0.0.1:{}{path}", self.port))
+            .uri(path)
             .header(hyper::header::HOST, "docker");
         if let Some(ct) = content_type {
             req = req.header(hyper::header::CONTENT_TYPE, ct);
@@ -96,10 +94,24 @@ impl Docker {
         let req = req
             .body(Full::new(body))
             .map_err(|e| Error::new(format!("{what}: {e}")))?;
+        // One connection per request: slirp keeps accepting on the host side while the guest
+        // end is gone, so a kept connection could be a dead one.
         let exchange = async {
-            let resp = self
-                .http
-                .request(req)
+            let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
+                .await
+                .map_err(|e| Error::new(format!("{what}: connect: {e}")))?;
+            let name = rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+            let tls = self
+                .tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| Error::new(format!("{what}: TLS: {e}")))?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| Error::new(format!("{what}: {}", error_chain(&e))))?;
+            tokio::spawn(connection);
+            let resp = sender
+                .send_request(req)
                 .await
                 .map_err(|e| Error::new(format!("{what}: {}", error_chain(&e))))?;
             let status = resp.status().as_u16();

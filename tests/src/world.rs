@@ -58,8 +58,8 @@ use crate::ntp::NtpServer;
 use crate::qemu::{ConsoleCursor, ConsoleLine, Error, Result, Vm, VmSpec};
 use crate::query::Params;
 
-/// The guest port dockerd listens on (the user data's `docker.daemon.hosts`).
-pub const DOCKER_API_PORT: u16 = 2375;
+/// The guest port dockerd listens on (the user data's `docker.daemon.hosts`), with TLS.
+pub const DOCKER_API_PORT: u16 = crate::tls::DOCKER_TLS_PORT;
 /// The guest port the test service is published on.
 pub const SERVICE_PORT: u16 = 8080;
 /// Where slirp's host alias is on the link-local network (`169.254.0.0/16` → `x.x.2.2`).
@@ -768,7 +768,8 @@ pub struct UserData {
     pub retry_for_secs: u64,
     pub retry_interval_secs: u64,
     pub after_drain: String,
-    /// `docker.daemon.hosts` with TCP 2375, so the host reaches the Engine API.
+    /// The Engine API on TCP with TLS client certificates ([`docker_api_toml`]), so the host
+    /// reaches it.
     pub docker_api: bool,
     /// TOML appended as is (new tables only).
     pub extra: String,
@@ -809,9 +810,7 @@ impl UserData {
             t = t.replacen("[volume]\n", &format!("[volume]\nid = \"{id}\"\n"), 1);
         }
         if self.docker_api {
-            t.push_str(&format!(
-                "daemon = {{ hosts = [\"tcp://0.0.0.0:{DOCKER_API_PORT}\"] }}\n"
-            ));
+            t.push_str(&docker_api_toml());
         }
         t.push_str(&format!(
             "\n[failure]\naction = \"{}\"\nretry_for_secs = {}\nretry_interval_secs = {}\n\n\
@@ -825,6 +824,16 @@ impl UserData {
         }
         t
     }
+}
+
+/// The `[docker]` lines that serve the Engine API on [`DOCKER_API_PORT`] with TLS client
+/// certificates (the server's side of the test PKI): to append inside a `[docker]` table.
+pub fn docker_api_toml() -> String {
+    let pki = crate::tls::Pki::get().unwrap_or_else(|e| panic!("the test PKI: {e}"));
+    format!(
+        "daemon = {{ hosts = [\"tcp://0.0.0.0:{DOCKER_API_PORT}\"] }}\n{}",
+        pki.docker_tls_toml()
+    )
 }
 
 /// Runs `debugfs -R REQUEST FILE` (read-only) on a volume's backing file and returns its output:
@@ -925,14 +934,23 @@ mod tests {
     fn user_data_is_valid_toml_with_the_tag() {
         let mut u = UserData::new("t1");
         u.extra = "[snapshots]\nkeep = 2".into();
-        let t: toml_check::Table = toml_check::parse(&u.to_toml());
+        let text = u.to_toml();
+        // The TLS table's PEM blocks are multi-line strings the flat reader below does not take.
+        let tls_at = text.find("[docker.tls]").expect("the Engine API's TLS");
+        let tls_end = tls_at
+            + text[tls_at..]
+                .find("\n[failure]")
+                .expect("a table after it");
+        assert_eq!(text[tls_at..tls_end].matches("-----BEGIN ").count(), 3);
+        let flat = format!("{}{}", &text[..tls_at], &text[tls_end..]);
+        let t: toml_check::Table = toml_check::parse(&flat);
         assert_eq!(
             t.get("volume.tags.Name").map(String::as_str),
             Some("\"t1\"")
         );
         assert_eq!(
             t.get("docker.daemon").map(String::as_str),
-            Some("{ hosts = [\"tcp://0.0.0.0:2375\"] }")
+            Some("{ hosts = [\"tcp://0.0.0.0:2376\"] }")
         );
     }
 

@@ -3,7 +3,8 @@
 //! host key it keeps on the state volume. `ssh root@A docker ps` works (the host key accepted as
 //! new). After a spot notice on A, its successor B on the same volume presents the same host key:
 //! the same known_hosts, with `StrictHostKeyChecking=yes`, logs in to B without a word. And an
-//! instance launched without any key says `ssh: off` and nothing answers on port 22.
+//! instance launched without any key says `ssh: off` and nothing answers on port 22. Each says
+//! after `ready` what listens beyond loopback: dropbear on 22 with the key, nothing without.
 //!
 //! Needs `ssh` and `ssh-keygen` on the host (openssh-client; tests/setup.sh installs it).
 //!
@@ -157,6 +158,18 @@ async fn ssh_with_the_key_pair_from_imds_and_the_same_host_key_after_a_replaceme
     .await;
     assert!(started.text.ends_with("(new)"), "{}", started.text);
     a.wait_ready(BOOT).await.unwrap();
+    // What listens beyond loopback: SSH (a key is configured), nothing else.
+    let listening = expect(&mut c, "listening: ", STEP).await;
+    let outside = listening
+        .text
+        .split("listening: ")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        outside.split(", ").all(|l| l.ends_with(":22 (dropbear)")),
+        "{}",
+        listening.text
+    );
     let out = ssh_until_ok(&a, &key, &known_hosts, "accept-new", "docker ps").await;
     assert!(out.contains("CONTAINER ID"), "docker ps on a: {out}");
     let recorded = std::fs::read_to_string(&known_hosts).unwrap();
@@ -220,6 +233,14 @@ async fn ssh_with_the_key_pair_from_imds_and_the_same_host_key_after_a_replaceme
     let off = expect(&mut c, "ssh: ", BOOT).await;
     assert!(off.text.contains("ssh: off"), "{}", off.text);
     n.wait_ready(BOOT).await.unwrap();
+    let listening = expect(&mut c, "listening: ", STEP).await;
+    assert!(
+        listening
+            .text
+            .ends_with("listening: nothing beyond loopback"),
+        "{}",
+        listening.text
+    );
     // slirp accepts on the host side, then closes (or resets) once the guest refuses: no banner.
     let port = n.host_port(SSH_PORT).unwrap();
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))

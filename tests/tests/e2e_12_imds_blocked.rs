@@ -4,7 +4,9 @@
 //! spotinit keeps Docker's networks away from it: a container's HTTP request gets no answer
 //! (connection refused) and never reaches the IMDS mock, while spotinit itself still reads IMDS
 //! (a rebalance recommendation is seen). With `docker.block_imds = false` a container does reach
-//! it (HTTP 401: IMDSv2 wants a token — an answer, which proves the connection).
+//! it (HTTP 401: IMDSv2 wants a token — an answer, which proves the connection). And when the
+//! rules cannot be installed (the kernel refuses the netfilter modules), Docker does not start:
+//! the boot fails closed naming the firewall and the way out.
 //!
 //! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_12_imds_blocked -- --nocapture`
 
@@ -14,18 +16,18 @@ use std::time::Instant;
 
 use common::{expect, never, report, BOOT, STEP};
 use spotworld::docker::{deploy_counter, COUNTER_NAME};
-use spotworld::world::{InstanceSpec, Net, SimInstance, World, WorldSettings, DOCKER_API_PORT};
+use spotworld::world::{docker_api_toml, InstanceSpec, Net, SimInstance, World, WorldSettings};
 
 const META: &str = "/latest/meta-data/";
 
-/// Docker state on tmpfs (no volume needed for this), the Engine API on TCP for the test.
+/// Docker state on tmpfs (no volume needed for this), the Engine API on TCP (with TLS) for the
+/// test.
 fn user_data(block_imds: Option<bool>) -> String {
-    let mut u = format!(
-        "[volume]\nmode = \"none\"\n\n[docker]\ndaemon = {{ hosts = [\"tcp://0.0.0.0:{DOCKER_API_PORT}\"] }}\n"
-    );
+    let mut u = String::from("[volume]\nmode = \"none\"\n\n[docker]\n");
     if let Some(b) = block_imds {
         u.push_str(&format!("block_imds = {b}\n"));
     }
+    u.push_str(&docker_api_toml());
     u
 }
 
@@ -132,5 +134,34 @@ async fn containers_cannot_reach_imds_unless_allowed() {
     assert_ne!(code, 0, "IMDSv2 answers 401 without a token: {out}");
     assert!(out.contains("401"), "expected IMDS's 401: {out}");
     assert!(open.imds().requests(META) > before);
+    drop(open);
+    report("allowed: the container reaches IMDS", t0);
+
+    // The kernel refuses to load netfilter: the rules cannot go in, so Docker must not start.
+    let no_rules = world
+        .launch(
+            InstanceSpec::new("no-rules", "us-east-1a")
+                .net(Net::LinkLocal)
+                .extra_cmdline("module_blacklist=nf_tables,ip_tables,ip6_tables,x_tables")
+                .user_data(user_data(None)),
+        )
+        .await
+        .unwrap();
+    let mut c = no_rules.console();
+    let failed = expect(&mut c, "BOOT FAILED: ", BOOT).await;
+    assert!(
+        failed
+            .text
+            .contains("cannot install the firewall rules that keep containers away from IMDS")
+            && failed.text.contains("docker.block_imds = false"),
+        "{}\n{}",
+        failed.text,
+        no_rules.diagnostics()
+    );
+    expect(&mut c, "Docker was not started", STEP).await;
+    assert!(no_rules.wait_poweroff(STEP).await.unwrap());
+    never(&no_rules, "phase dockerd: done");
+    never(&no_rules, "spotinit: ready in");
+    println!("no-rules: {}", failed.text);
     report("scenario 12", t0);
 }
