@@ -27,7 +27,7 @@ async fn first_boot_creates_formats_and_mounts_the_volume_under_docker() {
     let mut c = a.console();
     expect(&mut c, "creating 1 GiB gp3 in us-east-1a", BOOT).await;
     let blank = expect(&mut c, "creating ext4 labelled spotinit-state", STEP).await;
-    assert!(blank.text.contains("is blank"), "{}", blank.text);
+    assert!(blank.text.contains("is empty"), "{}", blank.text);
     expect(&mut c, "volume: formatted in", STEP).await;
     expect(
         &mut c,

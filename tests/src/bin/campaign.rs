@@ -1397,7 +1397,7 @@ mod tests {
     #[test]
     fn a_first_boot_writes_boot_one_and_a_killed_mkfs_writes_nothing() {
         let first = BootFacts::from_lines(&lines(&[
-            "[  12.761] spotinit: volume: vol-53029a3764494151c is blank (1.0 GiB, first and last MiB all zeros); creating ext4 labelled spotinit-state",
+            "[  12.761] spotinit: volume: vol-53029a3764494151c is empty (1.0 GiB: first and last MiB all zeros, created by this boot); creating ext4 labelled spotinit-state",
             "[  13.025] spotinit: volume: vol-53029a3764494151c mounted; /var/lib/docker and /var/lib/containerd are on it",
         ]));
         assert!(first.formatted);
