@@ -1,7 +1,8 @@
 //! The clock. SigV4-signed EC2 calls fail when the clock is more than 5 minutes off, so the
 //! boot starts chronyd against the Amazon Time Sync Service (169.254.169.123, fd00:ec2::123 on
-//! IPv6) and waits for its first synchronisation before the first EC2 call; chronyd stays
-//! supervised to keep the clock right.
+//! IPv6); when a first SNTP probe finds the clock more than [`WAIT_BEYOND`] off, the boot waits
+//! for chronyd's step before the first EC2 call, otherwise chronyd steps it in the background.
+//! chronyd stays supervised to keep the clock right.
 
 use super::supervisor::ServiceSpec;
 use crate::config::Time;
@@ -83,13 +84,52 @@ pub async fn offset_from(server: &str, timeout: Duration) -> Option<f64> {
         .ok()?
         .ok()?;
     let t4 = ntp_seconds(&ntp_now());
-    let r = &buf[..n];
-    // A server answer to exactly our request, from a synchronised server.
-    if n < 48 || r[0] & 7 != 4 || !(1..16).contains(&r[1]) || r[24..32] != sent {
+    reply_offset(&buf[..n], &sent, t1, t4)
+}
+
+/// The offset an SNTP reply gives, if it is a server's answer to exactly our request (its
+/// origin timestamp is `sent`, our transmit timestamp) from a synchronised server. `t1` and
+/// `t4` are when we sent and received, in Unix seconds.
+pub fn reply_offset(reply: &[u8], sent: &[u8; 8], t1: f64, t4: f64) -> Option<f64> {
+    // Mode 4 (server), stratum 1 to 15 (synchronised), our timestamp as the origin.
+    let answer = reply.len() >= 48
+        && reply[0] & 7 == 4
+        && (1..16).contains(&reply[1])
+        && reply[24..32] == sent[..];
+    if !answer {
         return None;
     }
-    let (t2, t3) = (ntp_seconds(&r[32..40]), ntp_seconds(&r[40..48]));
+    let (t2, t3) = (ntp_seconds(&reply[32..40]), ntp_seconds(&reply[40..48]));
     Some(((t2 - t1) + (t3 - t4)) / 2.0)
+}
+
+/// Beyond this offset the boot waits for chronyd's step before its first EC2 call. AWS refuses
+/// a request signed more than 5 minutes off (EC2's RequestExpired: 15); a clock 30 s off is already far beyond what
+/// QEMU's and Nitro's whole-second RTC explain, so it may be drifting, and the margin is wide.
+/// Closer than that, waiting (seconds: chronyd's first exchanges) buys nothing.
+pub const WAIT_BEYOND: Duration = Duration::from_secs(30);
+
+/// What the boot does about a measured offset (seconds, positive: we are behind).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Under a second: chronyd only keeps it right.
+    Keep,
+    /// Off, but signing works: chronyd steps it while the boot goes on.
+    StepInBackground,
+    /// Far off: no EC2 call before chronyd has stepped it.
+    Wait,
+}
+
+pub fn decide(offset: f64) -> Decision {
+    let off = offset.abs();
+    if off < 1.0 {
+        Decision::Keep
+    } else if off <= WAIT_BEYOND.as_secs_f64() {
+        Decision::StepInBackground
+    } else {
+        // Also NaN, which no valid reply gives but which must never skip the wait.
+        Decision::Wait
+    }
 }
 
 /// The first answer among the servers, asked at once.
@@ -149,8 +189,8 @@ pub fn chronyd(paths: &Paths) -> ServiceSpec {
     .stop_timeout(Duration::from_secs(3))
 }
 
-/// Starts chronyd, and when the clock is off (or no server answered a first query), waits for
-/// its first synchronisation. Returns a line for the console: how far off the clock was and
+/// Starts chronyd, and when the clock is far off (or no server answered a first query), waits
+/// for its first synchronisation. Returns a line for the console: how far off the clock was and
 /// the step made, or why it gave up (then the boot goes on: the clock may well be right).
 pub async fn sync<S: System + ?Sized>(
     sys: &S,
@@ -163,23 +203,31 @@ pub async fn sync<S: System + ?Sized>(
     std::os::unix::fs::chown(&dir, Some(CHRONY_UID), Some(CHRONY_GID))
         .map_err(|e| format!("chown {}: {e}", dir.display()))?;
     std::fs::write(paths.p(CONF), chrony_conf(cfg)).map_err(|e| format!("write {CONF}: {e}"))?;
-    // Ask the servers first: a clock already within chrony's step threshold needs no wait
-    // (chronyd then only keeps it right); a clock further off waits for chronyd's step.
+    // Ask the servers first: only a clock far enough off to endanger signing waits for chronyd.
     let probed = first_offset(&cfg.servers).await;
     let (wall0, mono0) = (SystemTime::now(), Instant::now());
     supervisor.launch(chronyd(paths)).await?;
     if let Some((server, offset)) = &probed {
-        if offset.abs() < 1.0 {
-            return Ok(format!(
-                "within {:.0} ms of {server}; chronyd keeps it so",
-                offset.abs() * 1000.0
-            ));
+        let off = human(Duration::from_secs_f64(offset.abs()));
+        let side = if *offset > 0.0 { "behind" } else { "ahead of" };
+        match decide(*offset) {
+            Decision::Keep => {
+                return Ok(format!(
+                    "within {:.0} ms of {server}; chronyd keeps it so",
+                    offset.abs() * 1000.0
+                ))
+            }
+            Decision::StepInBackground => {
+                return Ok(format!(
+                    "{off} {side} {server}: chronyd steps it in the background (the boot waits \
+                     only beyond {} s; AWS refuses signatures only minutes off)",
+                    WAIT_BEYOND.as_secs()
+                ))
+            }
+            Decision::Wait => crate::log!(
+                "clock: {off} {side} {server}: waiting for chronyd to step it before any EC2 call"
+            ),
         }
-        crate::log!(
-            "clock: {} {} {server}: waiting for chronyd to step it before any EC2 call",
-            human(Duration::from_secs_f64(offset.abs())),
-            if *offset > 0.0 { "behind" } else { "ahead of" }
-        );
     }
     // waitsync: up to N tries 0.5 s apart, until synchronised with a correction under 1 s.
     let tries = (cfg.sync_timeout_secs * 2).max(1).to_string();
@@ -241,6 +289,49 @@ mod tests {
             server_line("[fd00:ec2::123]:123"),
             "server fd00:ec2::123 port 123 iburst minpoll 4 maxpoll 4"
         );
+    }
+
+    #[test]
+    fn a_reply_to_our_request_gives_the_offset() {
+        let ntp = |unix: f64| {
+            let t = unix + NTP_UNIX_OFFSET;
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&(t as u32).to_be_bytes());
+            b[4..].copy_from_slice(&((t.fract() * 4_294_967_296.0) as u32).to_be_bytes());
+            b
+        };
+        let sent = ntp(1_795_694_400.0);
+        let (t1, t4) = (ntp_seconds(&sent), 1_795_694_400.5);
+        // The server's clock is 10 s ahead: 0.25 s each way, it reads t1 + 10.25 on answering.
+        let mut reply = [0u8; 48];
+        reply[0] = (4 << 3) | 4; // version 4, server
+        reply[1] = 2; // stratum 2
+        reply[24..32].copy_from_slice(&sent);
+        reply[32..40].copy_from_slice(&ntp(t1 + 10.25));
+        reply[40..48].copy_from_slice(&ntp(t1 + 10.25));
+        let offset = reply_offset(&reply, &sent, t1, t4).unwrap();
+        assert!((offset - 10.0).abs() < 1e-6, "{offset}");
+        // Not an answer to this request, not from a server, not synchronised, too short.
+        assert_eq!(reply_offset(&reply, &ntp(t1 + 1.0), t1, t4), None);
+        let mut client = reply;
+        client[0] = (4 << 3) | 3;
+        assert_eq!(reply_offset(&client, &sent, t1, t4), None);
+        let mut unsynchronised = reply;
+        unsynchronised[1] = 0;
+        assert_eq!(reply_offset(&unsynchronised, &sent, t1, t4), None);
+        assert_eq!(reply_offset(&reply[..47], &sent, t1, t4), None);
+    }
+
+    #[test]
+    fn only_a_clock_far_off_waits_for_chronyd() {
+        assert_eq!(decide(0.2), Decision::Keep);
+        assert_eq!(decide(-0.99), Decision::Keep);
+        // QEMU's and Nitro's whole-second RTC: the 1.06 s seen at every boot costs nothing.
+        assert_eq!(decide(1.06), Decision::StepInBackground);
+        assert_eq!(decide(-29.0), Decision::StepInBackground);
+        assert_eq!(decide(30.5), Decision::Wait);
+        assert_eq!(decide(-6.0 * 3600.0), Decision::Wait);
+        assert_eq!(decide(f64::NAN), Decision::Wait);
     }
 
     #[test]
