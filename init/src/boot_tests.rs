@@ -66,6 +66,49 @@ async fn boot_runs_the_phases_in_order_and_docker_starts_last() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// dockerd dials containerd's socket itself, so the boot starts both before waiting: here
+/// containerd's socket appears only once dockerd has been spawned, and the boot still gets to
+/// ready (one after the other, it would wait for containerd until its timeout).
+#[tokio::test]
+async fn containerd_and_dockerd_start_together() {
+    let (fake, cloud, root) = world(
+        "together",
+        Some("[docker]\nstart_timeout_secs = 5\n"),
+        Script::Mount,
+    );
+    let csock = root.join("run/containerd/containerd.sock");
+    let dsock = root.join("run/docker.sock");
+    fake.on_spawn("containerd", |_| {});
+    fake.on_spawn("dockerd", move |_| {
+        crate::testkit::serve_socket(&csock, false);
+        crate::testkit::serve_socket(&dsock, true);
+    });
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    assert!(st.ready);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn a_containerd_that_never_answers_fails_the_boot_by_name() {
+    let (fake, cloud, root) = world(
+        "nocontainerd",
+        Some("[docker]\nstart_timeout_secs = 5\n"),
+        Script::Mount,
+    );
+    fake.on_spawn("containerd", |_| {});
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    let e = boot(&m, &cloud, &mut st).await.unwrap_err().to_string();
+    assert!(
+        e.contains("containerd:") && e.contains("containerd.sock did not accept connections"),
+        "{e}"
+    );
+    assert!(!st.ready);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 #[tokio::test]
 async fn a_volume_failure_never_starts_docker() {
     let (fake, cloud, root) = world("foreign", None, Script::FailForeign);

@@ -242,7 +242,8 @@ pub fn world(
     (fake, cloud, root)
 }
 
-fn serve_socket(path: &Path, engine_api: bool) {
+/// A fake daemon: listens on `path` (as dockerd when `engine_api`, answering every request).
+pub fn serve_socket(path: &Path, engine_api: bool) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path).unwrap();
