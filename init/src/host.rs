@@ -212,12 +212,15 @@ pub fn dhcp_client(iface: &str, paths: &Paths) -> ServiceSpec {
 /// The lease the DHCP hook script wrote: key=value lines.
 pub fn read_lease(path: &Path) -> Option<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).ok()?;
-    Some(
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-            .collect(),
-    )
+    Some(parse_lease(&text))
+}
+
+/// A lease file's `key=value` lines as pairs, values unquoted; lines without `=` are skipped.
+pub fn parse_lease(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
 }
 
 /// Brings the network up: the interface (waiting for its driver), the DHCP client, the lease.
@@ -413,6 +416,20 @@ mod tests {
         assert!(caps.contains(&caps::Capability::CAP_NET_RAW));
         assert!(!caps.contains(&caps::Capability::CAP_SYS_ADMIN));
         assert!(s.command.args.contains(&DHCP_SCRIPT.to_string()));
+    }
+
+    #[test]
+    fn lease_text_parses_as_the_hook_script_writes_it() {
+        let l = parse_lease("ip=172.31.5.20\nprefix=20\nrouter=\ndns=\"172.31.0.2\"\nnot a pair\n");
+        assert_eq!(
+            l,
+            [
+                ("ip".to_string(), "172.31.5.20".to_string()),
+                ("prefix".into(), "20".into()),
+                ("router".into(), "".into()),
+                ("dns".into(), "172.31.0.2".into()),
+            ]
+        );
     }
 
     #[test]

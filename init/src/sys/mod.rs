@@ -315,8 +315,12 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
         let mut out = Vec::with_capacity(b.len());
         let mut i = 0;
         while i < b.len() {
-            if b[i] == b'\\' && i + 4 <= b.len() {
-                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+            if b[i] == b'\\' {
+                // `get`: the three bytes after a backslash may end inside a character.
+                if let Some(v) = s
+                    .get(i + 1..i + 4)
+                    .and_then(|o| u8::from_str_radix(o, 8).ok())
+                {
                     out.push(v);
                     i += 4;
                     continue;
@@ -345,10 +349,11 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
         .collect()
 }
 
-/// What is mounted right now (from `root`/proc/self/mountinfo).
+/// What is mounted right now (from `root`/proc/self/mountinfo). Read lossily: a path that is
+/// not UTF-8 (the kernel passes such bytes through) must not make every mount disappear.
 pub fn mounts(paths: &Paths) -> Vec<MountInfo> {
-    std::fs::read_to_string(paths.p("/proc/self/mountinfo"))
-        .map(|t| parse_mountinfo(&t))
+    std::fs::read(paths.p("/proc/self/mountinfo"))
+        .map(|b| parse_mountinfo(&String::from_utf8_lossy(&b)))
         .unwrap_or_default()
 }
 
@@ -371,6 +376,31 @@ mod tests {
         assert_eq!(m[2].mount_point, PathBuf::from("/mnt/with space"));
         assert!(m[0].fs_read_only() && !m[1].fs_read_only());
         assert_eq!(m[1].options, "rw");
+    }
+
+    #[test]
+    fn a_backslash_before_a_multibyte_character_is_kept_as_it_is() {
+        // Found by fuzzing (fuzz/, target mountinfo): the three bytes after a backslash ended
+        // inside the `é`, and slicing the text there panicked.
+        let m = parse_mountinfo("41 22 0:40 / /mnt/x\\04é rw - tmpfs tmp\\12é rw\n");
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/x\\04é"));
+        assert_eq!(m[0].source, "tmp\\12é");
+    }
+
+    #[test]
+    fn a_mount_point_that_is_not_utf8_hides_no_other_mount() {
+        let root = std::env::temp_dir().join(format!("spotinit-mi-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("proc/self")).unwrap();
+        std::fs::write(
+            root.join("proc/self/mountinfo"),
+            b"40 28 259:5 / /run/spotinit/volume rw - ext4 /dev/nvme1n1 rw\n\
+              41 40 0:60 / /run/spotinit/volume/caf\xe9 rw - tmpfs tmpfs rw\n",
+        )
+        .unwrap();
+        let m = mounts(&Paths::under(&root));
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/run/spotinit/volume"));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

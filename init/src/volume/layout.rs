@@ -41,12 +41,18 @@ pub fn record_path(paths: &Paths) -> PathBuf {
     paths.p(VOLUME_MOUNT).join(RECORD)
 }
 
+/// The record's text as a [`Record`], or TOML's message saying what is wrong with it. Missing
+/// keys take their defaults: records written by older versions lack the newer keys.
+pub fn parse_record(text: &str) -> Result<Record, String> {
+    toml::from_str(text).map_err(|e| e.message().to_string())
+}
+
 pub fn read_record(paths: &Paths) -> Result<Option<Record>, String> {
     let p = record_path(paths);
     match std::fs::read_to_string(&p) {
-        Ok(t) => toml::from_str(&t)
+        Ok(t) => parse_record(&t)
             .map(Some)
-            .map_err(|e| format!("{} is damaged: {}", p.display(), e.message())),
+            .map_err(|e| format!("{} is damaged: {e}", p.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", p.display())),
     }
@@ -299,6 +305,23 @@ mod tests {
         assert!(!is_empty_fs(&root));
         assert_eq!(lost_found_entries(&root), 1);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn record_parses_as_written_and_as_older_versions_wrote_it() {
+        let r = Record {
+            format: RECORD_FORMAT,
+            volume_id: "vol-0123456789abcdef0".into(),
+            boot_count: 7,
+            clean_shutdown: true,
+            mode: "docker".into(),
+            ..Record::default()
+        };
+        assert_eq!(parse_record(&toml::to_string(&r).unwrap()), Ok(r));
+        let old = parse_record("format = 1\nvolume_id = \"vol-1\"\n").unwrap();
+        assert_eq!((old.volume_id.as_str(), old.mode.as_str()), ("vol-1", ""));
+        assert!(parse_record("boot_count = -1\n").is_err());
+        assert!(parse_record("format = [").is_err());
     }
 
     #[test]

@@ -1,0 +1,4 @@
+//! The `imds_identity` fuzz target (see the crate's doc).
+fn main() {
+    spotinit_fuzz::main(spotinit_fuzz::imds_identity);
+}
