@@ -88,7 +88,7 @@ ln -s spotinit "$root/usr/sbin/init"
 # A dynamically linked spotinit must find its libraries (and glibc symbol versions) in the image.
 if [[ $(head -c4 "$bin" | od -An -tx1 | tr -d ' ') == 7f454c46 ]]; then
     missing=$(chroot "$root" /usr/bin/ldd /usr/sbin/spotinit 2>&1 | grep 'not found' || true)
-    [[ -z $missing ]] || die "spotinit needs what the image lacks (build it on Debian 12 or statically):"$'\n'"$missing"
+    [[ -z $missing ]] || die "spotinit needs what the image lacks (build it on Debian 12 or 13, or statically):"$'\n'"$missing"
 fi
 
 kvers=("$root"/usr/lib/modules/*)
