@@ -5,6 +5,7 @@
 #   1. package tree: mkosi (mkosi.conf, image/mkosi.*) into build/mkosi.output/tree, only when
 #      those inputs changed (or with --refresh, which also drops mkosi's incremental cache so that
 #      apt fetches current package versions). Otherwise nothing is run and nothing downloaded.
+#      Then the version floor: image/check-versions.sh against image/minimum-versions.txt.
 #   2. root: a copy of the tree plus spotinit, /sbin/init and the version stamp, packed into a
 #      compressed read-only erofs (lz4hc).
 #   3. initrd (image/mkinitrd.sh), kernel command line (image/cmdline), UKI (ukify),
@@ -39,13 +40,13 @@ refresh=0
 case ${1:-} in
 "") ;;
 --refresh) refresh=1 ;;
--h | --help) sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+-h | --help) sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
 *) die "unknown argument $1 (usage: image/build.sh [--refresh])" ;;
 esac
 
 [[ $EUID -eq 0 ]] || die "run as root (mkosi, mknod and systemd-repart need it)"
 [[ -f $bin && -x $bin ]] || die "no spotinit binary at $bin: run 'cargo build --release' first, or set SPOTINIT_BIN"
-for tool in mkosi mkfs.erofs systemd-repart modprobe cpio "${ukify[-1]}" /usr/lib/systemd/boot/efi/systemd-bootx64.efi; do
+for tool in mkosi mkfs.erofs systemd-repart modprobe cpio dpkg "${ukify[-1]}" /usr/lib/systemd/boot/efi/systemd-bootx64.efi; do
     command -v "$tool" >/dev/null || [[ -e $tool ]] || die "missing $tool (see image/README.md, host packages)"
 done
 
@@ -69,6 +70,12 @@ if ((refresh)) || [[ ! -d $tree || ! -f $tree.vmlinuz || $(cat "$stamp" 2>/dev/n
 else
     log "package tree: mkosi inputs unchanged, reusing $tree (image/build.sh --refresh updates packages)"
 fi
+# The version floor (image/minimum-versions.txt), checked on the tree's package list (it becomes
+# build/image/manifest.txt) before anything is built from it, so build/image/ never holds an image
+# below the floor.
+image/check-versions.sh image/minimum-versions.txt "$tree/usr/lib/spotinit/packages.txt" ||
+    die "the image's packages are below the floor in image/minimum-versions.txt (see above); fix mkosi.conf or the apt sources, or run image/build.sh --refresh"
+log "package tree: versions at or above image/minimum-versions.txt"
 
 # --- 2. root file system -------------------------------------------------------------------------
 log "root: staging $tree with $bin"
@@ -81,7 +88,7 @@ ln -s spotinit "$root/usr/sbin/init"
 # A dynamically linked spotinit must find its libraries (and glibc symbol versions) in the image.
 if [[ $(head -c4 "$bin" | od -An -tx1 | tr -d ' ') == 7f454c46 ]]; then
     missing=$(chroot "$root" /usr/bin/ldd /usr/sbin/spotinit 2>&1 | grep 'not found' || true)
-    [[ -z $missing ]] || die "spotinit needs what the image lacks (build it on Debian 12 or statically):"$'\n'"$missing"
+    [[ -z $missing ]] || die "spotinit needs what the image lacks (build it on Debian 12 or 13, or statically):"$'\n'"$missing"
 fi
 
 kvers=("$root"/usr/lib/modules/*)

@@ -24,8 +24,8 @@ for applet in sh mount umount insmod switch_root sleep poweroff grep tr; do
 done
 install -m 0755 "$here/initrd/init" "$stage/init"
 
-# erofs and exactly its dependencies (soft ones included), in load order. Debian's bookworm
-# modules are not compressed; decompress them anyway should a later kernel compress them.
+# erofs and exactly its dependencies (soft ones included), in load order. Debian's trixie kernel
+# ships them xz-compressed (.ko.xz); busybox insmod wants plain .ko, so they are decompressed here.
 modprobe --dirname="$tree" --set-version="$kver" --show-depends erofs |
     awk '$1 == "insmod" { print $2 }' >"$stage/modules.list"
 [[ -s $stage/modules.list ]] || { echo "mkinitrd: erofs is not a module of $kver?" >&2; exit 1; }

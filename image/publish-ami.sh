@@ -54,7 +54,7 @@ stamp() { sed -n "s/^$1=//p" "$image_dir/version"; }
 image_id=$(stamp image_id)
 [[ -n $image_id ]] || die "no image_id in $image_dir/version"
 name=${name:-spotinit-$image_id}
-description="spotinit $(stamp spotinit_version) ($(stamp git_commit)), Debian 12, kernel $(stamp kernel), docker $(stamp docker)"
+description="spotinit $(stamp spotinit_version) ($(stamp git_commit)), Debian 13, kernel $(stamp kernel), docker $(stamp docker)"
 
 if [[ -z $snapshot ]]; then
     [[ -n $bucket ]] || die "--bucket is required (or --snapshot-id to register an existing snapshot)"

@@ -13,6 +13,7 @@ step() { printf '\n== [%4ds] %s\n' $((SECONDS - start)) "$*" >&2; }
 step "format and scripts"
 cargo fmt --all -- --check
 shellcheck image/*.sh image/mkosi.postinst image/mkosi.finalize image/initrd/init tests/*.sh .ci/run
+image/test-check-versions.sh
 step "build (release profile: one build of the AWS SDK serves the image and the tests)"
 cargo build --release --workspace --all-targets
 step "image"
