@@ -195,23 +195,21 @@ pub fn tcp_hosts(cfg: &Docker) -> Vec<String> {
 /// The iptables rules that keep containers on Docker's networks (the FORWARD path through
 /// DOCKER-USER) away from IMDS: the link-local addresses, and the endpoint spotinit itself uses
 /// when it is another one. Host-network containers share the host's stack and are not covered.
+/// IPv6 also gets the rule in FORWARD itself: Docker 26 manages ip6tables only as an
+/// experimental option, and without it nothing sends IPv6 traffic through DOCKER-USER.
 pub fn imds_block_rules(imds_endpoint: Option<&str>) -> Vec<CommandSpec> {
-    let rule = |tool: &str, dest: &str, port: Option<&str>| {
-        let mut c = CommandSpec::new(format!("/usr/sbin/{tool}")).args([
-            "-w",
-            "-I",
-            "DOCKER-USER",
-            "-d",
-            dest,
-        ]);
+    let rule = |tool: &str, chain: &str, dest: &str, port: Option<&str>| {
+        let mut c =
+            CommandSpec::new(format!("/usr/sbin/{tool}")).args(["-w", "-I", chain, "-d", dest]);
         if let Some(p) = port {
             c = c.args(["-p", "tcp", "--dport", p]);
         }
         c.args(["-j", "REJECT"]).output(Output::Null)
     };
     let mut rules = vec![
-        rule("iptables", "169.254.169.254/32", None),
-        rule("ip6tables", "fd00:ec2::254/128", None),
+        rule("iptables", "DOCKER-USER", "169.254.169.254/32", None),
+        rule("ip6tables", "DOCKER-USER", "fd00:ec2::254/128", None),
+        rule("ip6tables", "FORWARD", "fd00:ec2::254/128", None),
     ];
     if let Some((host, port)) = imds_endpoint
         .and_then(|e| e.split_once("://").map(|(_, r)| r))
@@ -219,7 +217,12 @@ pub fn imds_block_rules(imds_endpoint: Option<&str>) -> Vec<CommandSpec> {
         .and_then(|hp| hp.rsplit_once(':').or(Some((hp, "80"))))
     {
         if host.parse::<std::net::Ipv4Addr>().is_ok() && host != "169.254.169.254" {
-            rules.push(rule("iptables", &format!("{host}/32"), Some(port)));
+            rules.push(rule(
+                "iptables",
+                "DOCKER-USER",
+                &format!("{host}/32"),
+                Some(port),
+            ));
         }
     }
     rules
@@ -248,13 +251,17 @@ pub async fn block_imds<S: System + ?Sized>(
         let _ = crate::sys::run(sys, &user_chain(tool)).await;
     }
     let mut done = Vec::new();
+    let mut told_no_ipv6 = false;
     for rule in imds_block_rules(imds_endpoint) {
         let dest = rule.args[4].clone();
         match crate::sys::run(sys, &rule).await {
+            Ok(()) if done.contains(&dest) => {}
             Ok(()) => done.push(dest),
             // Without docker.daemon.ipv6 containers have no IPv6 to reach fd00:ec2::254 with.
             Err(e) if rule.program.ends_with("ip6tables") && !ipv6_containers => {
-                crate::log!("docker: no IPv6 IMDS rule ({e}); containers have no IPv6");
+                if !std::mem::replace(&mut told_no_ipv6, true) {
+                    crate::log!("docker: no IPv6 IMDS rule ({e}); containers have no IPv6");
+                }
             }
             Err(e) => return Err(e),
         }
@@ -421,7 +428,7 @@ mod tests {
     #[test]
     fn imds_rules_cover_the_link_local_addresses_and_the_endpoint_in_use() {
         let r = imds_block_rules(None);
-        assert_eq!(r.len(), 2);
+        assert_eq!(r.len(), 3);
         assert_eq!(
             r[0].args,
             [
@@ -435,10 +442,24 @@ mod tests {
             ]
         );
         assert!(r[1].program.ends_with("ip6tables"));
-        let r = imds_block_rules(Some("http://10.0.2.2:8111"));
-        assert_eq!(r.len(), 3);
+        // Docker 26 without its experimental ip6tables never jumps to DOCKER-USER for IPv6.
+        assert!(r[2].program.ends_with("ip6tables"));
         assert_eq!(
             r[2].args,
+            [
+                "-w",
+                "-I",
+                "FORWARD",
+                "-d",
+                "fd00:ec2::254/128",
+                "-j",
+                "REJECT"
+            ]
+        );
+        let r = imds_block_rules(Some("http://10.0.2.2:8111"));
+        assert_eq!(r.len(), 4);
+        assert_eq!(
+            r[3].args,
             [
                 "-w",
                 "-I",
@@ -453,7 +474,7 @@ mod tests {
                 "REJECT"
             ]
         );
-        assert_eq!(imds_block_rules(Some("http://169.254.169.254")).len(), 2);
+        assert_eq!(imds_block_rules(Some("http://169.254.169.254")).len(), 3);
     }
 
     #[tokio::test]
