@@ -208,6 +208,10 @@ pub async fn boot<S: System, P: Platform>(
     let image_file = std::fs::read_to_string(paths.p(IMAGE_CONFIG)).ok();
     let early = Config::load(&cmdline, None, image_file.as_deref()).map_err(BootError::Config)?;
 
+    // Docker's kernel modules and the other device drivers, loading in the background from
+    // the network driver on; both are waited for before Docker starts.
+    let mut docker_modules = None;
+    let mut coldplug = None;
     if pid1 {
         phase("hostname and loopback", async {
             sys.set_hostname(early.hostname.as_deref().unwrap_or("spotinit"))
@@ -215,16 +219,20 @@ pub async fn boot<S: System, P: Platform>(
             sys.interface_up("lo").map_err(|e| e.to_string())
         })
         .await?;
-        let modules = phase("kernel modules", crate::host::load_modules(sys, paths)).await?;
-        crate::log!("modules: {modules}");
-        // evdev is loaded now, so the ACPI power button (EC2 stop/terminate) can be read.
-        let buttons = crate::power::listen_power_button(paths, m.requests.clone());
-        if buttons == 0 {
-            crate::log!(
-                "power button: no input device named \"Power Button\" (input devices: {}); EC2 stop and terminate will not drain cleanly",
-                crate::power::input_devices(paths).join(", ")
-            );
-        }
+        // The NIC's driver first: DHCP starts while the other drivers and Docker's modules load.
+        let (nic, tried) = phase(
+            "network driver",
+            crate::host::load_network_drivers(sys, paths),
+        )
+        .await?;
+        crate::log!("modules: {nic}; the other drivers and Docker's modules load meanwhile");
+        docker_modules = Some(crate::host::DockerModules::start(sys));
+        coldplug = Some(tokio::spawn(other_drivers_then_power_button(
+            m.sys.clone(),
+            paths.clone(),
+            tried,
+            m.requests.clone(),
+        )));
         let net = phase(
             "network",
             crate::host::network(
@@ -274,6 +282,13 @@ pub async fn boot<S: System, P: Platform>(
         }
     }
     platform.watch(&config, &meta, m.requests.clone());
+    // The firewall that keeps containers away from IMDS goes in while the clock and the volume
+    // phases run; dockerd starts only once it is in (or the boot fails, below).
+    let imds_rules = (pid1 && config.docker.enabled && config.docker.block_imds).then(|| {
+        let ipv6 = config.docker.daemon.get("ipv6") == Some(&toml::Value::Boolean(true));
+        let (sys, endpoint) = (m.sys.clone(), early.imds_endpoint.clone());
+        tokio::spawn(async move { docker::block_imds(&*sys, endpoint.as_deref(), ipv6).await })
+    });
     if pid1 {
         // Before the first signed EC2 call: SigV4 fails on a clock 5 minutes off.
         let clock = phase(
@@ -306,6 +321,14 @@ pub async fn boot<S: System, P: Platform>(
             st.mounted = Some(mounted);
         }
     }
+    // Before a pivot into a persisted root changes what /usr/sbin/iptables is.
+    let imds_rules = match imds_rules {
+        Some(task) => Some(
+            task.await
+                .unwrap_or_else(|e| Err(format!("the task installing them ended: {e}"))),
+        ),
+        None => None,
+    };
     if pid1 {
         let on_volume = config.volume.mode != VolumeMode::None;
         start_ssh(m, &config, &meta, on_volume).await;
@@ -348,6 +371,14 @@ pub async fn boot<S: System, P: Platform>(
                 }
             })?;
         }
+        if let Some(drivers) = coldplug.take() {
+            if let Err(e) = drivers.await {
+                crate::log!("modules: the device drivers' task ended: {e}");
+            }
+        }
+        if let Some(modules) = docker_modules.take() {
+            crate::log!("modules: {}", modules.wait().await);
+        }
         st.docker_started = true;
         // containerd and dockerd start together: dockerd dials containerd's socket itself
         // (for up to a minute), so their start-ups overlap instead of adding up. Both
@@ -370,16 +401,14 @@ pub async fn boot<S: System, P: Platform>(
                 }
             }
             // Before dockerd, which starts the containers: they never run without the rules.
-            if config.docker.block_imds && pid1 {
-                let ipv6 = config.docker.daemon.get("ipv6") == Some(&toml::Value::Boolean(true));
-                match docker::block_imds(sys, early.imds_endpoint.as_deref(), ipv6).await {
-                    Ok(r) => crate::log!(
-                        "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
-                    ),
-                    Err(e) => return Err(format!(
-                        "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
-                    )),
-                }
+            match &imds_rules {
+                Some(Ok(r)) => crate::log!(
+                    "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
+                ),
+                Some(Err(e)) => return Err(format!(
+                    "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
+                )),
+                None => {}
             }
             m.supervisor
                 .launch(docker::dockerd(paths, &config.docker))
@@ -403,9 +432,10 @@ pub async fn boot<S: System, P: Platform>(
     }
     st.ready = true;
     crate::log!(
-        "ready in {} since power-on (spotinit's part {}, its memory {})",
+        "ready in {} since power-on (spotinit's part {}, its CPU time {}, its memory {})",
         human(uptime()),
         human(started.elapsed()),
+        human(cpu_time()),
         resident_memory(paths)
     );
     crate::log!("listening: {}", crate::listening::summary(paths));
@@ -443,6 +473,42 @@ pub async fn start_ssh<S: System, M: Metadata>(
         Ok(line) => crate::log!("ssh: {line}"),
         Err(e) => crate::log!("ssh: not started: {e}"),
     }
+}
+
+/// The device drivers beyond the NIC's (coldplug), then the power button: evdev, which makes
+/// it readable, is one of them. Runs beside the network, configuration and volume phases.
+async fn other_drivers_then_power_button<S: System>(
+    sys: Arc<S>,
+    paths: Paths,
+    tried: Vec<String>,
+    requests: mpsc::UnboundedSender<Request>,
+) {
+    match crate::host::load_device_drivers(&*sys, &paths, tried).await {
+        Ok(line) => crate::log!("modules: {line}"),
+        Err(e) => crate::log!("modules: {e}"),
+    }
+    // EC2's stop and terminate press it: the drain starts there.
+    if crate::power::listen_power_button(&paths, requests) == 0 {
+        crate::log!(
+            "power button: no input device named \"Power Button\" (input devices: {}); EC2 stop and terminate will not drain cleanly",
+            crate::power::input_devices(&paths).join(", ")
+        );
+    }
+}
+
+/// Our CPU time so far (user and system, every thread; not the children), for the ready line.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the rusage the pointer points to (zeroed, so initialised even if
+    // it did not); RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let of = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    of(usage.ru_utime) + of(usage.ru_stime)
 }
 
 /// Our resident memory (VmRSS), for the ready line.

@@ -47,9 +47,9 @@ async fn boot_runs_the_phases_in_order_and_docker_starts_last() {
         "up eth0",
         "spawn busybox",
         "hostname ip-10-0-2-15",
-        "spawn containerd",
-        // The IMDS rules go in before dockerd starts any container.
+        // The IMDS rules go in beside the volume phase, before any daemon starts a container.
         "spawn iptables",
+        "spawn containerd",
         "spawn dockerd",
     ];
     let idx: Vec<usize> = order.iter().map(|w| index_of(&b, w)).collect();

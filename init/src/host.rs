@@ -2,7 +2,7 @@
 //! the network through a supervised DHCP client.
 
 use crate::services::{ServiceSpec, Supervisor};
-use crate::sys::{CommandSpec, MountSpec, MsFlags, Paths, System};
+use crate::sys::{Child, CommandSpec, MountSpec, MsFlags, Paths, System};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -41,7 +41,8 @@ pub fn early_mount_table() -> Vec<(
         // The root is read-only: everything writable under /var is tmpfs until the volume
         // is bound over /var/lib/docker and /var/lib/containerd.
         ("tmpfs", "tmpfs", "/var", nsd, "mode=0755"),
-        // dockerd writes /etc/docker/key.json.
+        // dockerd 20.10 wrote /etc/docker/key.json; 26 writes nothing there, but it reads
+        // registry CAs from /etc/docker/certs.d, which must be writable to be given.
         ("tmpfs", "tmpfs", "/etc/docker", nsd, "mode=0755"),
         // root's home: the operator's authorized_keys, shell history.
         ("tmpfs", "tmpfs", "/root", nsd, "mode=0700"),
@@ -130,13 +131,17 @@ pub fn modaliases(paths: &Paths) -> Vec<String> {
 /// Modules Docker asks for by name (the rest it gets through the kernel's request_module).
 pub const DOCKER_MODULES: [&str; 4] = ["overlay", "br_netfilter", "veth", "nf_conntrack"];
 
-/// Loads drivers for present devices (network, input for the power button, ...) and Docker's
-/// modules. Without udev nobody else does: a pass loads the drivers for the devices present,
-/// and those drivers can reveal new devices (virtio_pci -> virtio_net; button -> an input
-/// device -> evdev), so passes repeat until no new alias appears. A module that is missing is
-/// not fatal here: Docker reports what it lacks.
-pub async fn load_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<String, String> {
-    let mut tried: Vec<String> = Vec::new();
+/// Loads drivers for present devices (network, input for the power button, ...). Without udev
+/// nobody else does: a pass loads the drivers for the devices present, and those drivers can
+/// reveal new devices (virtio_pci -> virtio_net; button -> an input device -> evdev), so passes
+/// repeat until no new alias appears. A module that is missing is not fatal here.
+/// `tried` holds aliases already given to modprobe (by [`load_network_drivers`]).
+pub async fn load_device_drivers<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+    mut tried: Vec<String>,
+) -> Result<String, String> {
+    let given = tried.len();
     let mut passes = 0;
     loop {
         let fresh: Vec<String> = modaliases(paths)
@@ -156,17 +161,77 @@ pub async fn load_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<
         let _ = crate::sys::run_code(sys, &cmd).await;
         tried.extend(fresh);
     }
-    let cmd = CommandSpec::new("/usr/sbin/modprobe")
-        .args(["-a", "-q"])
-        .args(DOCKER_MODULES);
-    if let Err(e) = crate::sys::run(sys, &cmd).await {
-        crate::log!("modules: {e}");
-    }
     Ok(format!(
-        "{} device aliases in {passes} passes, plus {}",
-        tried.len(),
-        DOCKER_MODULES.join(" ")
+        "{} device aliases in {passes} passes",
+        tried.len() - given
     ))
+}
+
+/// Whether a modalias names a network device: PCI class 02 (a network controller: ENA, or
+/// virtio-net's PCI function), virtio device 1 (net), or Xen's vif.
+pub fn is_network_alias(alias: &str) -> bool {
+    (alias.starts_with("pci:") && alias.contains("bc02"))
+        || alias.starts_with("virtio:d00000001v")
+        || alias == "xen:vif"
+}
+
+/// The network drivers before anything else, so DHCP starts while the rest of the coldplug
+/// ([`load_device_drivers`]) runs. Repeats while a driver reveals another network device
+/// (virtio_pci, a module on older kernels, shows the virtio NIC). Returns a console line and
+/// the aliases tried.
+pub async fn load_network_drivers<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+) -> Result<(String, Vec<String>), String> {
+    let mut tried: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        let fresh: Vec<String> = modaliases(paths)
+            .into_iter()
+            .filter(|a| is_network_alias(a) && !tried.contains(a))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        let cmd = CommandSpec::new("/usr/sbin/modprobe")
+            .args(["-a", "-b"])
+            .args(fresh.iter().cloned())
+            .output(crate::sys::Output::Null);
+        let _ = crate::sys::run_code(sys, &cmd).await;
+        tried.extend(fresh);
+    }
+    Ok((format!("{} network device aliases", tried.len()), tried))
+}
+
+/// Docker's modules, loading while the network, the configuration and the volume proceed:
+/// nothing before Docker needs them. [`DockerModules::wait`] before starting Docker.
+pub struct DockerModules(Result<Child, String>);
+
+impl DockerModules {
+    pub fn start<S: System + ?Sized>(sys: &S) -> Self {
+        let cmd = CommandSpec::new("/usr/sbin/modprobe")
+            .args(["-a", "-q"])
+            .args(DOCKER_MODULES);
+        DockerModules(
+            sys.spawn(&cmd)
+                .map_err(|e| format!("cannot start {}: {e}", cmd.display())),
+        )
+    }
+
+    /// A line for the console: loaded, or what went wrong (not fatal: Docker says what it
+    /// lacks, and the kernel loads most of them on request anyway).
+    pub async fn wait(self) -> String {
+        match self.0 {
+            Ok(child) => match child.wait().await {
+                s if s.success() => format!("loaded {}", DOCKER_MODULES.join(" ")),
+                s => format!(
+                    "modprobe {} was {}",
+                    DOCKER_MODULES.join(" "),
+                    crate::sys::describe_exit(s)
+                ),
+            },
+            Err(e) => e,
+        }
+    }
 }
 
 /// The interface to configure: the configured one, else the first physical non-loopback one.
@@ -365,11 +430,11 @@ mod tests {
                 std::fs::write(d.join("modalias"), "virtio:d00000001v00001AF4").unwrap();
             }
         });
-        let summary = load_modules(&fake, &Paths::under(&root)).await.unwrap();
-        assert!(
-            summary.contains("2 device aliases in 2 passes"),
-            "{summary}"
-        );
+        let summary = load_device_drivers(&fake, &Paths::under(&root), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(summary, "2 device aliases in 2 passes");
+        let docker = DockerModules::start(&fake);
         let spawns: Vec<Vec<String>> = fake
             .ops()
             .into_iter()
@@ -379,10 +444,85 @@ mod tests {
             })
             .collect();
         assert_eq!(spawns.len(), 3, "two coldplug passes and Docker's modules");
+        assert_eq!(
+            docker.wait().await,
+            "loaded overlay br_netfilter veth nf_conntrack"
+        );
         assert!(spawns[0].contains(&"pci:v00001AF4d00001041".to_string()));
         assert!(spawns[1].contains(&"virtio:d00000001v00001AF4".to_string()));
         assert!(!spawns[1].contains(&"pci:v00001AF4d00001041".to_string()));
         assert!(spawns[2].contains(&"overlay".to_string()));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_network_drivers_load_first_and_the_rest_skips_them() {
+        let root = tmp("nic-first");
+        let dev = |path: &str, alias: &str| {
+            let d = root.join("sys/devices").join(path);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("modalias"), alias).unwrap();
+        };
+        // virtio-net's PCI function (class 02), a watchdog, the ACPI power button.
+        dev(
+            "pci0000:00/0000:00:02.0",
+            "pci:v00001AF4d00001041sv00001AF4sd00001100bc02sc00i00",
+        );
+        dev(
+            "pci0000:00/0000:00:1f.0",
+            "pci:v00008086d00002918sv00001AF4sd00001100bc06sc01i00",
+        );
+        dev("LNXSYSTM:00/LNXPWRBN:00", "acpi:LNXPWRBN:");
+        let fake = crate::sys::fake::FakeSystem::new(&root);
+        // Loading virtio_pci shows the virtio NIC, which needs virtio_net in turn.
+        let r = root.clone();
+        fake.on_spawn("modprobe", move |cmd| {
+            if cmd.args.iter().any(|a| a.contains("bc02")) {
+                let d = r.join("sys/devices/pci0000:00/0000:00:02.0/virtio0");
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("modalias"), "virtio:d00000001v00001AF4").unwrap();
+            }
+        });
+        let paths = Paths::under(&root);
+        let (line, tried) = load_network_drivers(&fake, &paths).await.unwrap();
+        assert_eq!(line, "2 network device aliases");
+        assert!(tried.iter().all(|a| is_network_alias(a)), "{tried:?}");
+        let rest = load_device_drivers(&fake, &paths, tried).await.unwrap();
+        assert_eq!(rest, "2 device aliases in 1 passes");
+        let spawns: Vec<Vec<String>> = fake
+            .ops()
+            .into_iter()
+            .filter_map(|op| match op {
+                crate::sys::fake::Op::Spawn { args, .. } => Some(args),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(spawns.len(), 3, "{spawns:?}");
+        assert!(spawns[1].contains(&"virtio:d00000001v00001AF4".to_string()));
+        assert!(!spawns[2].iter().any(|a| is_network_alias(a)), "{spawns:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dockers_modules_load_in_the_background_until_waited_for() {
+        let root = tmp("docker-modules");
+        let fake = crate::sys::fake::FakeSystem::new(&root);
+        // A modprobe that takes its time: starting it must not wait for it.
+        fake.behave("modprobe", crate::sys::fake::Behavior::Run);
+        let modules = DockerModules::start(&fake);
+        let pid = match &modules.0 {
+            Ok(child) => child.pid,
+            Err(e) => panic!("{e}"),
+        };
+        let waiting = tokio::spawn(modules.wait());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the wait ended before modprobe did");
+        fake.kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let line = waiting.await.unwrap();
+        assert!(
+            line.starts_with("modprobe overlay br_netfilter veth nf_conntrack was killed"),
+            "{line}"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
