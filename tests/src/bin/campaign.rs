@@ -1381,7 +1381,7 @@ mod tests {
         "[   9.497] spotinit: volume: record: boot 3 of this state, last on i-4686f9990136fd41f (clean shutdown), created by i-463f62f71126d08f7 at 2026-11-29T22:13:54Z",
         "[   9.579] spotinit: volume: vol-06523948ffa0ae8aa mounted; /var/lib/docker and /var/lib/containerd are on it",
         "[  13.327] spotinit: phase containerd: done in 2.07 s",
-        "[  21.857] spotinit: ready in 21.86 s since power-on (spotinit's part 19.13 s, its memory 9644 kB)",
+        "[  21.857] spotinit: ready in 21.86 s since power-on (spotinit's part 19.13 s, its CPU time 180 ms, its memory 9644 kB)",
         "[  23.038] spotinit: volume: unmounted in 34 ms",
     ];
 
