@@ -305,6 +305,7 @@ impl Config {
         self.check_volume(&mut p);
         self.check_docker(&mut p);
         self.check_names(&mut p);
+        p.extend(super::containers::problems(&self.containers));
         p
     }
 

@@ -8,6 +8,7 @@
 //! silently fall back to a default that could, say, create a second volume.
 
 mod checks;
+pub mod containers;
 mod sources;
 
 pub use checks::{is_hostname, is_region, ssh_key_problem, time_server_problem, MAX_DAEMON_DEPTH};
@@ -37,6 +38,8 @@ pub struct Config {
     pub address: Address,
     pub time: Time,
     pub ssh: Ssh,
+    /// `[[containers]]`: what Docker runs, kept to this declaration after every boot.
+    pub containers: Vec<containers::Container>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
