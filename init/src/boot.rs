@@ -439,7 +439,55 @@ pub async fn boot<S: System, P: Platform>(
         resident_memory(paths)
     );
     crate::log!("listening: {}", crate::listening::summary(paths));
+    if config.docker.enabled && !config.containers.is_empty() {
+        start_declared_containers(paths, &config);
+    }
     Ok(())
+}
+
+/// `[[containers]]`: made to match the declaration in the background, after `ready` (Docker is
+/// ready; a slow pull must not make the host look down). Their files live on the state volume:
+/// its top in `docker` mode, `/var/lib/spotinit` of the persisted root, tmpfs without a volume.
+fn start_declared_containers(paths: &Paths, config: &Config) {
+    let home = match config.volume.mode {
+        VolumeMode::Docker => paths.p(volume::layout::VOLUME_MOUNT),
+        VolumeMode::PersistedRoot | VolumeMode::None => paths.p("/var/lib/spotinit"),
+    };
+    let auth = match services::registry_auth::RegistryAuth::load(&home) {
+        Ok(a) => a,
+        Err(e) => {
+            crate::log!("containers: registry credentials not used: {e}");
+            services::registry_auth::RegistryAuth::default()
+        }
+    };
+    if !auth.registries().is_empty() {
+        crate::log!(
+            "containers: credentials for {} (from {})",
+            auth.registries().join(", "),
+            services::registry_auth::AUTH_FILE
+        );
+    }
+    let engine = services::engine::Engine::new(&paths.p(docker::DOCKER_SOCKET));
+    let declared = config.containers.clone();
+    crate::log!(
+        "containers: {} declared: {}",
+        declared.len(),
+        declared
+            .iter()
+            .map(|c| format!("{} ({})", c.name, c.image))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    tokio::spawn(async move {
+        services::containers::reconcile(
+            &engine,
+            &declared,
+            &home,
+            &|image| auth.header_for(image),
+            services::containers::PULL_RETRY_FOR,
+        )
+        .await;
+    });
 }
 
 /// Operator access, when a key is configured. Its host key is on the state volume when there is
