@@ -598,21 +598,19 @@ fn benchmark(instances: &[SimInstance], marks: &Marks) {
     println!("  boot to `spotinit: ready`:");
     for i in instances {
         match find(i, "spotinit: ready in") {
-            Some(r) => println!(
+            Some(r) => {
+                println!(
                 "    {}  QEMU start → ready {:>6.1} s   (spotinit: {}; its resident memory {}){}",
                 i.name,
                 r.at.as_secs_f64(),
                 after_spotinit(&r),
                 spotinit_memory(&r),
-                if i.name == "A" { "  *" } else { "" }
-            ),
+                if i.name == "A" { "  (first boot: volume created and formatted)" } else { "" }
+            )
+            }
             None => println!("    {}  no ready line", i.name),
         }
     }
-    println!(
-        "    * A exposes Docker's API on TCP (to deploy the container): dockerd 20.10 then pauses \
-         ~16 s at start (its warning about an unauthenticated API); B, C, D run as in production"
-    );
     println!("  spot notice → volume detached:");
     for (name, m, i) in [
         ("A", &marks.notice_a, instances.first()),
