@@ -1478,7 +1478,10 @@ pub fn validate_serial(serial: &str) -> Result<()> {
 }
 
 fn resolve_host_forwards(requested: &[HostForward]) -> Result<Vec<HostForward>> {
-    requested
+    // Every listener stays open until all ports are picked: released one by one, the kernel
+    // could hand the same port out twice (seen: QEMU refusing a spec with a port in it twice).
+    let mut held = Vec::new();
+    let resolved = requested
         .iter()
         .map(|f| {
             if f.host_port != 0 {
@@ -1492,12 +1495,15 @@ fn resolve_host_forwards(requested: &[HostForward]) -> Result<Vec<HostForward>> 
                 .local_addr()
                 .map_err(|e| Error::new(format!("pick a free host port: {e}")))?
                 .port();
+            held.push(listener);
             Ok(HostForward {
                 host_port: port,
                 guest_port: f.guest_port,
             })
         })
-        .collect()
+        .collect();
+    drop(held);
+    resolved
 }
 
 fn build_args(
@@ -1644,6 +1650,21 @@ fn shell_quote(arg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_forwards_of_one_vm_never_share_a_port() {
+        let requested: Vec<HostForward> = (0..64)
+            .map(|g| HostForward {
+                host_port: 0,
+                guest_port: 8000 + g,
+            })
+            .collect();
+        let resolved = resolve_host_forwards(&requested).unwrap();
+        let mut ports: Vec<u16> = resolved.iter().map(|f| f.host_port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 64, "a port was handed out twice");
+    }
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
