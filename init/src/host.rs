@@ -131,6 +131,17 @@ pub fn modaliases(paths: &Paths) -> Vec<String> {
 /// Modules Docker asks for by name (the rest it gets through the kernel's request_module).
 pub const DOCKER_MODULES: [&str; 4] = ["overlay", "br_netfilter", "veth", "nf_conntrack"];
 
+/// `modprobe -a -b` for device aliases. Exit status 1 is normal: most platform and ACPI
+/// aliases have no module, and modprobe says so for each. Not `-q`: with -q, -a stops at the
+/// first such alias.
+async fn modprobe_aliases<S: System + ?Sized>(sys: &S, aliases: &[String]) {
+    let cmd = CommandSpec::new("/usr/sbin/modprobe")
+        .args(["-a", "-b"])
+        .args(aliases.iter().cloned())
+        .output(crate::sys::Output::Null);
+    let _ = crate::sys::run_code(sys, &cmd).await;
+}
+
 /// Loads drivers for present devices (network, input for the power button, ...). Without udev
 /// nobody else does: a pass loads the drivers for the devices present, and those drivers can
 /// reveal new devices (virtio_pci -> virtio_net; button -> an input device -> evdev), so passes
@@ -152,13 +163,7 @@ pub async fn load_device_drivers<S: System + ?Sized>(
             break;
         }
         passes += 1;
-        // Exit status 1 is normal: most platform and ACPI aliases have no module, and
-        // modprobe says so for each. Not `-q`: with -q, -a stops at the first such alias.
-        let cmd = CommandSpec::new("/usr/sbin/modprobe")
-            .args(["-a", "-b"])
-            .args(fresh.iter().cloned())
-            .output(crate::sys::Output::Null);
-        let _ = crate::sys::run_code(sys, &cmd).await;
+        modprobe_aliases(sys, &fresh).await;
         tried.extend(fresh);
     }
     Ok(format!(
@@ -192,11 +197,7 @@ pub async fn load_network_drivers<S: System + ?Sized>(
         if fresh.is_empty() {
             break;
         }
-        let cmd = CommandSpec::new("/usr/sbin/modprobe")
-            .args(["-a", "-b"])
-            .args(fresh.iter().cloned())
-            .output(crate::sys::Output::Null);
-        let _ = crate::sys::run_code(sys, &cmd).await;
+        modprobe_aliases(sys, &fresh).await;
         tried.extend(fresh);
     }
     Ok((format!("{} network device aliases", tried.len()), tried))
