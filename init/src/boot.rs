@@ -84,6 +84,9 @@ pub struct BootState<P: Platform> {
     pub mounted: Option<Mounted>,
     pub docker_started: bool,
     pub ready: bool,
+    /// The background task making Docker's containers match `[[containers]]`; the drain stops
+    /// it first, so nothing is pulled, created or started into a shutdown.
+    pub declared_containers: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl<P: Platform> Default for BootState<P> {
@@ -96,6 +99,7 @@ impl<P: Platform> Default for BootState<P> {
             mounted: None,
             docker_started: false,
             ready: false,
+            declared_containers: None,
         }
     }
 }
@@ -391,6 +395,14 @@ pub async fn boot<S: System, P: Platform>(
         .await?;
         phase("dockerd", async {
             let tls = docker::tls_files(paths, &config.docker)?;
+            if docker::write_registry_cas(paths, &config.docker)? > 0 {
+                let registries: Vec<&str> =
+                    config.docker.registry_cas.keys().map(String::as_str).collect();
+                crate::log!(
+                    "docker: registries with their own CA (docker.registry_cas): {}",
+                    registries.join(", ")
+                );
+            }
             docker::write_daemon_json(paths, &config.docker, tls.as_ref())
                 .map_err(|e| e.to_string())?;
             for host in docker::tcp_hosts(&config.docker) {
@@ -440,7 +452,7 @@ pub async fn boot<S: System, P: Platform>(
     );
     crate::log!("listening: {}", crate::listening::summary(paths));
     if config.docker.enabled && !config.containers.is_empty() {
-        start_declared_containers(paths, &config);
+        st.declared_containers = Some(start_declared_containers(paths, &config));
     }
     Ok(())
 }
@@ -448,7 +460,7 @@ pub async fn boot<S: System, P: Platform>(
 /// `[[containers]]`: made to match the declaration in the background, after `ready` (Docker is
 /// ready; a slow pull must not make the host look down). Their files live on the state volume:
 /// its top in `docker` mode, `/var/lib/spotinit` of the persisted root, tmpfs without a volume.
-fn start_declared_containers(paths: &Paths, config: &Config) {
+fn start_declared_containers(paths: &Paths, config: &Config) -> tokio::task::JoinHandle<()> {
     let home = match config.volume.mode {
         VolumeMode::Docker => paths.p(volume::layout::VOLUME_MOUNT),
         VolumeMode::PersistedRoot | VolumeMode::None => paths.p("/var/lib/spotinit"),
@@ -487,7 +499,7 @@ fn start_declared_containers(paths: &Paths, config: &Config) {
             services::containers::PULL_RETRY_FOR,
         )
         .await;
-    });
+    })
 }
 
 /// Operator access, when a key is configured. Its host key is on the state volume when there is

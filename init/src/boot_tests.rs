@@ -386,3 +386,31 @@ async fn a_persisted_root_that_is_not_on_the_volume_never_starts_docker() {
     assert!(!fake.briefs().iter().any(|x| x == "spawn containerd"));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[tokio::test]
+async fn declared_containers_are_reconciled_in_a_task_that_the_drain_stops_first() {
+    let declared = "[[containers]]\nname = \"web\"\nimage = \"busybox:1\"\n";
+    let (fake, cloud, root) = world("declared", Some(declared), Script::Mount);
+    let (m, mut rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    assert!(st.declared_containers.is_some(), "the boot keeps the task");
+    // A reconciliation still under way (a pull retried, say) when the drain starts: it holds
+    // `_alive` until it is stopped.
+    let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+    st.declared_containers = Some(tokio::spawn(async move {
+        let _alive = alive;
+        std::future::pending::<()>().await;
+    }));
+    m.requests
+        .send(Request::new("test", Then::PowerOff))
+        .unwrap();
+    let req = rx.recv().await.unwrap();
+    drain(&m, &mut st, &req).await;
+    assert!(st.declared_containers.is_none());
+    tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .expect("the drain stopped the reconciliation")
+        .expect_err("it was aborted, not finished");
+    std::fs::remove_dir_all(&root).unwrap();
+}

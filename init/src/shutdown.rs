@@ -100,6 +100,14 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
         None => crate::log!("shutting down: {}", req.reason),
     }
 
+    // Before Docker stops: a pull finishing now would create or start a container into the
+    // drain, or fail it noisily once dockerd is gone.
+    if let Some(task) = st.declared_containers.take() {
+        if !task.is_finished() {
+            task.abort();
+            crate::log!("shutdown: declared containers: no longer made to match (shutting down)");
+        }
+    }
     if st.docker_started {
         if let (Some(d), Some(cfg)) = (deadline, &st.config) {
             let t = Instant::now();

@@ -273,6 +273,24 @@ fn is_url(u: &str) -> bool {
     })
 }
 
+/// A registry as image references name it: a host name or an address, and an optional port.
+/// It becomes a directory name under /etc/docker/certs.d, so nothing else gets through.
+fn is_registry_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with(['.', '-'])
+        && !host.contains("..")
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+    host_ok && port_ok
+}
+
 /// A PEM block of this kind (`CERTIFICATE`, or any `... PRIVATE KEY`).
 fn is_pem(text: &str, kind: &str) -> bool {
     let t = text.trim();
@@ -509,6 +527,14 @@ impl Config {
             ));
         }
         self.check_docker_hosts(p);
+        for (registry, pem) in &d.registry_cas {
+            let key = format!("docker.registry_cas.\"{}\"", shown(registry));
+            if !is_registry_host(registry) {
+                p.push((key, "a registry's host name or address with an optional port (e.g. \"registry.example.com:5000\"), as it appears in image references".into()));
+            } else if !is_pem(pem, "CERTIFICATE") {
+                p.push((key, "a PEM CERTIFICATE block (-----BEGIN CERTIFICATE-----): the CA that signed the registry's certificate".into()));
+            }
+        }
     }
 
     /// `docker.daemon.hosts`: unix sockets, or TCP with TLS client authentication unless the
@@ -827,6 +853,37 @@ mod tests {
         assert_eq!(
             keys_of("[docker.tls]\nca = \"x\"\ncert = \"x\"\nkey = \"x\"\n"),
             ["docker.tls.ca", "docker.tls.cert", "docker.tls.key"]
+        );
+    }
+
+    #[test]
+    fn registry_cas_name_a_registry_and_hold_a_certificate() {
+        let cert = "-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----";
+        for good in ["registry.example.com", "10.0.2.2:5443", "localhost:5000"] {
+            let toml = format!("[docker.registry_cas]\n\"{good}\" = \"{cert}\"\n");
+            assert!(keys_of(&toml).is_empty(), "{good}: {:?}", keys_of(&toml));
+        }
+        // Each would be a path outside certs.d/, or not a registry at all.
+        for bad in [
+            "../../etc",
+            "a/b",
+            "",
+            "host:0",
+            "host:99999",
+            ".hidden",
+            "-x",
+            "a..b",
+        ] {
+            let toml = format!("[docker.registry_cas]\n\"{bad}\" = \"{cert}\"\n");
+            assert_eq!(
+                keys_of(&toml),
+                [format!("docker.registry_cas.\"{bad}\"")],
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            keys_of("[docker.registry_cas]\n\"r.example:5000\" = \"not a cert\"\n"),
+            ["docker.registry_cas.\"r.example:5000\""]
         );
     }
 

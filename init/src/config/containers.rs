@@ -362,24 +362,30 @@ mod tests {
     }
 
     #[test]
-    fn the_readmes_gitlab_example_loads() {
+    fn the_readmes_gitlab_examples_load() {
         let readme = include_str!("../../../README.md");
-        let start = readme
-            .find("<!-- gitlab-example")
-            .expect("the README's GitLab example");
-        let block = readme[start..]
-            .split("```toml\n")
-            .nth(1)
-            .and_then(|b| b.split("```").next())
-            .unwrap();
-        let cfg = match crate::config::Config::load("", Some(block), None) {
-            Ok(c) => c,
-            Err(errors) => panic!("{errors:?}"),
-        };
-        let gitlab = &cfg.containers[0];
-        assert_eq!(gitlab.name, "gitlab");
-        assert_eq!(gitlab.volumes.len(), 3);
-        assert_eq!(cfg.ssh.port, 2222);
+        let examples: Vec<&str> = readme
+            .split("<!-- gitlab-example")
+            .skip(1)
+            .map(|after| {
+                after
+                    .split("```toml\n")
+                    .nth(1)
+                    .and_then(|b| b.split("```").next())
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(examples.len(), 2, "the configuration's and the launch's");
+        for block in examples {
+            let cfg = match crate::config::Config::load("", Some(block), None) {
+                Ok(c) => c,
+                Err(errors) => panic!("{errors:?}\n{block}"),
+            };
+            let gitlab = &cfg.containers[0];
+            assert_eq!(gitlab.name, "gitlab");
+            assert_eq!(gitlab.volumes.len(), 3);
+            assert_eq!(cfg.ssh.port, 2222);
+        }
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub struct Docker {
     pub tls: DockerTls,
     /// Serve the Engine API on plain TCP anyway: whoever reaches the port is root on the host.
     pub insecure_plain_tcp_api: bool,
+    /// CAs of private registries, `"host:port" = PEM`: Docker trusts each one for that registry
+    /// only (`/etc/docker/certs.d/<host:port>/ca.crt`). Public certificates, no secret.
+    pub registry_cas: BTreeMap<String, String>,
 }
 
 /// The Engine API's TLS: the server's certificate and key, and the CA its clients' certificates
@@ -206,6 +209,7 @@ impl Default for Docker {
             block_imds: true,
             tls: DockerTls::default(),
             insecure_plain_tcp_api: false,
+            registry_cas: BTreeMap::new(),
         }
     }
 }

@@ -17,6 +17,8 @@ pub const DATA_ROOT: &str = "/var/lib/docker";
 pub const TLS_DIR: &str = "/run/spotinit/docker-tls";
 /// Where they are taken from on the state volume (`docker.tls.on_volume`).
 pub const VOLUME_TLS_DIR: &str = ".spotinit/docker-tls";
+/// Where dockerd looks for a registry's CA, per registry (`<host:port>/ca.crt`).
+pub const REGISTRY_CERTS_DIR: &str = "/etc/docker/certs.d";
 pub const LOG_DIR: &str = "/var/log/spotinit";
 const LOG_MAX_BYTES: u64 = 4 << 20;
 
@@ -115,6 +117,25 @@ pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, String
         std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(path, e))?;
     }
     Ok(Some(files))
+}
+
+/// Writes each CA of `docker.registry_cas` where dockerd looks for it when it pulls from that
+/// registry. The names were checked with the configuration (no `/`, no `..`). Returns how many.
+pub fn write_registry_cas(paths: &Paths, cfg: &Docker) -> Result<usize, String> {
+    let certs = paths.p(REGISTRY_CERTS_DIR);
+    for (registry, pem) in &cfg.registry_cas {
+        let dir = certs.join(registry);
+        let path = dir.join("ca.crt");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, pem))
+            .map_err(|e| {
+                format!(
+                    "cannot write the CA of registry {registry} to {}: {e}",
+                    path.display()
+                )
+            })?;
+    }
+    Ok(cfg.registry_cas.len())
 }
 
 /// daemon.json: the keys spotinit owns, then the user's extra keys (validated not to clash).
@@ -422,6 +443,26 @@ mod tests {
             e.contains("ca.pem") && e.contains(".spotinit/docker-tls"),
             "{e}"
         );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn registry_cas_are_written_where_dockerd_looks_per_registry() {
+        let root = std::env::temp_dir().join(format!("spotinit-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let paths = Paths::under(&root);
+        let mut cfg = Docker::default();
+        assert_eq!(write_registry_cas(&paths, &cfg), Ok(0));
+        assert!(!paths.p(REGISTRY_CERTS_DIR).exists());
+        let pem = "-----BEGIN CERTIFICATE-----\nR\n-----END CERTIFICATE-----\n";
+        cfg.registry_cas.insert("10.0.2.2:5443".into(), pem.into());
+        cfg.registry_cas
+            .insert("registry.example.com".into(), pem.into());
+        assert_eq!(write_registry_cas(&paths, &cfg), Ok(2));
+        for r in ["10.0.2.2:5443", "registry.example.com"] {
+            let path = paths.p(REGISTRY_CERTS_DIR).join(r).join("ca.crt");
+            assert_eq!(std::fs::read_to_string(path).unwrap(), pem);
+        }
         std::fs::remove_dir_all(&root).unwrap();
     }
 
