@@ -3,7 +3,9 @@
 # (bookworm), as root. Idempotent: a second run changes nothing and takes seconds.
 #   - bookworm-backports: mkosi 24, QEMU 10, systemd-boot/ukify 254 (bookworm's are too old)
 #   - image tools, OVMF, busybox-static (the test container), e2fsprogs, shellcheck,
-#     openssh-client (the SSH scenario logs in with ssh and makes its key with ssh-keygen)
+#     openssh-client (the SSH scenario logs in with ssh and makes its key with ssh-keygen),
+#     docker-registry (the image registry the demo and scenario 15 pull from; the tests run
+#     their own on a free loopback port, so the package's service is switched off)
 #   - Rust (rustup, stable) if cargo is missing or older than the workspace needs
 #   - moto from PyPI, in a virtualenv under build/venv (put on PATH by the callers)
 set -euo pipefail
@@ -31,7 +33,7 @@ fi
 need_backports=(mkosi qemu-system-x86 qemu-utils systemd-boot systemd-boot-efi python3-pefile)
 need=(ovmf erofs-utils kmod mtools dosfstools zstd cpio busybox-static e2fsprogs util-linux
       shellcheck curl ca-certificates gcc libc6-dev pkg-config python3-venv python3-pip
-      debian-archive-keyring iproute2 openssh-client)
+      debian-archive-keyring iproute2 openssh-client docker-registry)
 missing=()
 for p in "${need_backports[@]}" "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -41,6 +43,11 @@ if ((${#missing[@]})); then
     apt-get update -q
     apt-get install -y -q --no-install-recommends -t bookworm-backports "${need_backports[@]}"
     apt-get install -y -q --no-install-recommends "${need[@]}"
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null &&
+        systemctl is-enabled -q docker-registry 2>/dev/null; then
+        say "switching off the docker-registry package's own service (an open registry on :5000)"
+        systemctl disable --now docker-registry || true
+    fi
 fi
 
 # Rust: the workspace needs 1.87 or newer (std::io::pipe).

@@ -2,9 +2,9 @@
 //! certificate ([`crate::tls`]), as a careful user reaches dockerd — and the test service: a
 //! counter kept on a Docker volume, served by busybox httpd in an image made on the host.
 //!
-//! No registry is reachable from the guests, so the image is a tarball built here from
-//! busybox-static's `/bin/busybox` (applet symlinks, a CGI script, an entrypoint) and imported
-//! through the API (`POST /images/create?fromSrc=-`, what `docker import` does).
+//! The image is a tarball built here from busybox-static's `/bin/busybox` (applet symlinks, a
+//! CGI script, an entrypoint), imported through the API (`POST /images/create?fromSrc=-`, what
+//! `docker import` does) or pushed to the world's registry ([`crate::registry`]) as its layer.
 //!
 //! The counter increments durably: new value to a temporary file, `sync FILE` (fsync), rename
 //! over the old file, `sync -f` (syncfs: the rename is committed too), and only then the answer.
@@ -14,8 +14,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -96,41 +95,9 @@ impl Docker {
             .map_err(|e| Error::new(format!("{what}: {e}")))?;
         // One connection per request: slirp keeps accepting on the host side while the guest
         // end is gone, so a kept connection could be a dead one.
-        let exchange = async {
-            let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
-                .await
-                .map_err(|e| Error::new(format!("{what}: connect: {e}")))?;
-            let name = rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
-            let tls = self
-                .tls
-                .connect(name, tcp)
-                .await
-                .map_err(|e| Error::new(format!("{what}: TLS: {e}")))?;
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| Error::new(format!("{what}: {}", error_chain(&e))))?;
-            tokio::spawn(connection);
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| Error::new(format!("{what}: {}", error_chain(&e))))?;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| Error::new(format!("{what}: reading the answer: {e}")))?
-                .to_bytes();
-            Ok((status, body))
-        };
-        tokio::time::timeout(REQUEST_DEADLINE, exchange)
-            .await
-            .map_err(|_| {
-                Error::new(format!(
-                    "{what}: no answer within {} s",
-                    REQUEST_DEADLINE.as_secs()
-                ))
-            })?
+        let (status, _, body) =
+            crate::tls::exchange(&self.tls, self.port, req, REQUEST_DEADLINE, &what).await?;
+        Ok((status, body))
     }
 
     /// A request whose answer must be 2xx (or 304); the body as JSON (`Null` when empty).
@@ -379,17 +346,6 @@ fn demultiplex(mut raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
 // ---------------------------------------------------------------------------------------------
 // The counter service
 
@@ -515,6 +471,17 @@ pub async fn import_counter_image(docker: &Docker) -> Result<String> {
     let tar = counter_image_tar()?;
     docker
         .import_image(tar, COUNTER_IMAGE.0, COUNTER_IMAGE.1)
+        .await
+}
+
+/// Pushes the counter image to the test registry as `spotworld/counter:<tag>`.
+pub async fn push_counter_image(
+    registry: &crate::registry::Registry,
+    tag: &str,
+) -> Result<crate::registry::PushedImage> {
+    let layer = counter_image_tar()?;
+    registry
+        .push(COUNTER_IMAGE.0, tag, &layer, &["/bin/serve"])
         .await
 }
 

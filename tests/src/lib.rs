@@ -19,6 +19,7 @@ pub mod moto;
 pub mod ntp;
 pub mod qemu;
 pub mod query;
+pub mod registry;
 pub mod tls;
 pub mod world;
 

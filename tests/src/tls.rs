@@ -4,8 +4,16 @@
 //! data carries the server's side in `[docker.tls]`, and [`crate::docker::Docker`] presents the
 //! client's.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use crate::qemu::Error;
 
 /// The guest port of the Engine API over TLS (Docker's convention).
 pub const DOCKER_TLS_PORT: u16 = 2376;
@@ -41,7 +49,7 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
 }
 
 /// Makes a CA, a server certificate (127.0.0.1 and localhost: the guest's port is forwarded to
-/// the host's loopback) and a client certificate, P-256 keys, valid two days.
+/// the host's loopback; 10.0.2.2: the host as the guests reach it, for the test registry) and a client certificate, P-256 keys, valid two days.
 fn make(dir: &Path) -> Result<Pki, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let ec = [
@@ -66,7 +74,7 @@ fn make(dir: &Path) -> Result<Pki, String> {
         (
             "server",
             "spotinit dockerd",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.2.2\nextendedKeyUsage=serverAuth\n",
         ),
         ("client", "spotworld tests", "extendedKeyUsage=clientAuth\n"),
     ] {
@@ -158,4 +166,57 @@ impl Pki {
             .map_err(|e| format!("the client certificate: {e}"))?;
         Ok(Arc::new(config))
     }
+}
+
+/// One HTTP/1.1 request over TLS to `127.0.0.1:<port>` on a connection of its own, answered
+/// within `deadline`: the status, the headers and the whole body. Errors start with `what`.
+pub async fn exchange(
+    tls: &tokio_rustls::TlsConnector,
+    port: u16,
+    req: hyper::Request<Full<Bytes>>,
+    deadline: Duration,
+    what: &str,
+) -> crate::qemu::Result<(u16, hyper::HeaderMap, Bytes)> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .map_err(|e| Error::new(format!("{what}: connect: {e}")))?;
+        let name = rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let tls = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| Error::new(format!("{what}: TLS: {e}")))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| Error::new(format!("{what}: {}", error_chain(&e))))?;
+        tokio::spawn(connection);
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| Error::new(format!("{what}: {}", error_chain(&e))))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::new(format!("{what}: reading the answer: {e}")))?
+            .to_bytes();
+        Ok((status, headers, body))
+    };
+    tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| Error::new(format!("{what}: no answer within {} s", deadline.as_secs())))?
+}
+
+/// An error and its sources, one after another.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
 }

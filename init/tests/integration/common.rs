@@ -10,8 +10,6 @@
 //! - [`Spy`]: a [`System`] that records every call and passes it to the real one, except the
 //!   calls that would reach the whole machine (power, hostname, ctrl-alt-del, interfaces).
 
-#![allow(dead_code)] // Each test file uses its own subset.
-
 use spotinit::cloud::ec2::Ec2Client;
 use spotinit::cloud::imds::Imds;
 use spotinit::cloud::Identity;
@@ -439,7 +437,6 @@ pub struct Mnt {
     pub root: String,
     pub device: String,
     pub fstype: String,
-    pub source: String,
     /// Per-mount options (`rw,nosuid,nodev`).
     pub options: String,
     /// Propagation tags (`shared:12`, `master:3`), empty when private.
@@ -463,7 +460,6 @@ pub fn mountinfo() -> Vec<Mnt> {
                 options: f.get(5)?.to_string(),
                 propagation: f[6..].join(" "),
                 fstype: r.first()?.to_string(),
-                source: unescape(r.get(1).unwrap_or(&"")),
                 super_options: r.get(2).unwrap_or(&"").to_string(),
             })
         })
@@ -617,6 +613,9 @@ const HOST_NS_ENV: &str = "SPOTINIT_HOST_MNT_NS";
 const PASSED: &str = ".inner-test-passed";
 /// Lines for [`notice`].
 const NOTICES: &str = ".inner-test-notices";
+/// Set to 1 by a run that is meant to be privileged (`tests/all.sh`, as root): a privileged test
+/// that cannot run there fails instead of skipping.
+pub const REQUIRED_ENV: &str = "SPOTINIT_PRIVILEGED";
 
 /// The namespaces a privileged test runs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -634,22 +633,40 @@ pub enum Ns {
 ///
 /// Without root, or without one of `needs` (programs looked up on PATH and in the sbin
 /// directories; absolute paths checked as they are), the test prints `SKIPPED <name>: <why>`
-/// straight to stderr (not captured by the test harness, so it always shows) and passes.
+/// straight to stderr (not captured by the test harness, so it always shows) and passes, unless
+/// `SPOTINIT_PRIVILEGED=1` says the run is meant to be privileged: then it fails.
 pub fn privileged<F, Fut>(name: &str, ns: Ns, needs: &[&str], timeout: Duration, body: F)
 where
     F: FnOnce(PathBuf) -> Fut,
     Fut: Future<Output = ()>,
 {
+    // The harness names the test's thread by its full path (`module::function`): the name to
+    // re-execute it by.
+    let full = std::thread::current()
+        .name()
+        .filter(|t| t.ends_with(name))
+        .unwrap_or(name)
+        .to_owned();
+    let name = full.as_str();
     if std::env::var(INNER_ENV).as_deref() == Ok(name) {
         inner(ns, body);
         return;
     }
     if let Some(why) = cannot_run(ns, needs) {
-        // Its own line, even amid the harness's `test ... ok` output.
-        let _ = writeln!(std::io::stderr(), "\nSKIPPED {name}: {why}");
+        let required = std::env::var(REQUIRED_ENV).as_deref() == Ok("1");
+        skip_or_fail(name, &why, required);
         return;
     }
     outer(name, ns, timeout);
+}
+
+/// A privileged test that cannot run here: skipped with a line of its own (even amid the
+/// harness's `test ... ok` output), or, in a run meant to be privileged, failed.
+pub fn skip_or_fail(name: &str, why: &str, required: bool) {
+    if required {
+        panic!("{name} cannot run: {why}. {REQUIRED_ENV}=1 says this run is privileged, so that is a failure, not a skip");
+    }
+    let _ = writeln!(std::io::stderr(), "\nSKIPPED {name}: {why}");
 }
 
 /// Is `p` an existing path, or a program on PATH or in the sbin directories?

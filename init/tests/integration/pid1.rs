@@ -11,9 +11,7 @@
 //!
 //! Without root it prints `SKIPPED <test>: <why>` and passes.
 
-mod common;
-
-use common::{privileged, wait_until, Ns, Spy};
+use crate::common::{privileged, wait_until, Ns, Spy};
 use spotinit::boot::{BootState, Machine, Mode};
 use spotinit::run::Aws;
 use spotinit::services::ServiceSpec;

@@ -7,9 +7,7 @@
 //! Paths are rooted in a sandbox ([`Paths::under`]) with `proc` linked to the real /proc, so
 //! spotinit reads the real mountinfo of the namespace.
 
-mod common;
-
-use common::{
+use crate::common::{
     create_tagged, fast, find_program, has_cap, mount_at, mounts_under, notice, privileged, sh,
     sparse_file, vcfg, write_at, InstanceParts, Loop, Ns, Plug, Spy, World,
 };
@@ -540,7 +538,7 @@ fn ebs_volume_phase_with_real_filesystems_and_mounts() {
 /// The cgroup2 hierarchy's superblock options as the host has them mounted (they are global:
 /// any cgroup2 mount sets them, e.g. `nsdelegate`).
 fn host_cgroup2_options(sandbox: &Path) -> Option<String> {
-    common::mountinfo()
+    crate::common::mountinfo()
         .into_iter()
         .find(|m| m.fstype == "cgroup2" && !m.mount_point.starts_with(sandbox))
         .map(|m| m.super_options)
@@ -815,4 +813,20 @@ fn pivot_child(paths: &Paths, vol: &Path, mounted: &Mounted, volume_dev: &str) {
     let e = std::fs::write("/written-after-the-drain", "x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     eprintln!("pivot child: / is rootfs/ of {volume_dev}, read-only after the drain");
+}
+
+/// The harness itself: where the run is meant to be privileged, a test that cannot run fails.
+#[test]
+fn a_run_meant_to_be_privileged_fails_a_test_that_cannot_run() {
+    let failed = std::panic::catch_unwind(|| {
+        crate::common::skip_or_fail("some_test", "needs root (the harness's own check)", true)
+    });
+    let message = failed.expect_err("a failure, not a skip");
+    let text = message.downcast_ref::<String>().unwrap();
+    assert!(
+        text.contains("some_test") && text.contains(crate::common::REQUIRED_ENV),
+        "{text}"
+    );
+    // Elsewhere it is a skip, said on stderr.
+    crate::common::skip_or_fail("some_test", "needs root (the harness's own check)", false);
 }

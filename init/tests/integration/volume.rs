@@ -12,9 +12,7 @@
 //! The world itself (moto, the fidelity layer, the disks) is in `common`, shared with the
 //! privileged tests that plug the same volumes in as loop devices.
 
-mod common;
-
-use common::{create_tagged, fast, tag, vcfg, write_at, InstanceParts, World};
+use crate::common::{create_tagged, fast, tag, vcfg, write_at, InstanceParts, World};
 use spotinit::cloud::ec2::Ec2Client;
 use spotinit::config;
 use spotinit::sys::fake::{FakeSystem, Op};

@@ -2,11 +2,13 @@
 //!
 //! 1. Instance A boots from the pristine image in us-east-1a: no volume exists, spotinit creates
 //!    and formats it, mounts it under Docker.
-//! 2. A counter service starts on A with `--restart always`, its count on a Docker volume;
-//!    it is incremented.
+//! 2. The user data declares a counter service (`[[containers]]`, its count on a Docker volume):
+//!    spotinit on A pulls its image from a registry (Debian's docker-registry on the host, TLS
+//!    with a CA given in the user data), creates and starts it; it is incremented. No API call
+//!    and no SSH: every instance gets the same user data.
 //! 3. A spot interruption notice on A: it drains and detaches the volume; EC2 takes A.
 //! 4. Instance B, same zone, pristine image: the container comes back by itself with the same
-//!    count; incremented.
+//!    count (spotinit finds it as declared and keeps it; no pull); incremented.
 //! 5. B is killed without warning. Instance C waits for EC2 to release the volume, checks the
 //!    filesystem, and has the same count; incremented.
 //! 6. A notice on C; its successor D boots in us-east-1b: the volume follows through a
@@ -24,8 +26,9 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use spotworld::docker::{deploy_counter, Counter};
+use spotworld::docker::{push_counter_image, Counter, COUNTER_VOLUME};
 use spotworld::qemu::ConsoleLine;
+use spotworld::registry::{PushedImage, Registry};
 use spotworld::world::{phase_timings, InstanceSpec, SimInstance, UserData, World, WorldSettings};
 
 const BOOT: Duration = Duration::from_secs(300);
@@ -93,6 +96,7 @@ impl Demo {
                 "spotinit: BOOT FAILED",
                 "spotinit: ready in",
                 "spotinit: drained",
+                "spotinit: containers:",
             ];
             while let Ok(l) = c
                 .wait_until("any line", |_| true, Duration::from_secs(24 * 3600))
@@ -126,21 +130,30 @@ async fn wait(i: &SimInstance, needle: &str, deadline: Duration) -> Result<Conso
     i.console().wait_for(needle, deadline).await.map_err(e)
 }
 
-fn user_data(docker_api: bool) -> String {
+/// Every instance's user data: the volume, the registry's CA, and the counter declared. The
+/// Engine API stays on its unix socket: nothing is deployed through it.
+fn user_data(registry: &Registry, counter: &PushedImage) -> Result<String, String> {
     let mut u = UserData::new(VOLUME_NAME);
-    u.docker_api = docker_api;
-    u.to_toml()
+    u.docker_api = false;
+    u.extra = format!(
+        "{}\n[[containers]]\nname = \"counter\"\nimage = \"{}\"\nports = [\"{}:80\"]\n\
+         volumes = [\"{COUNTER_VOLUME}:/data\"]\nrestart = \"always\"\n",
+        registry.registry_cas_toml().map_err(e)?,
+        counter.reference,
+        spotworld::world::SERVICE_PORT
+    );
+    Ok(u.to_toml())
 }
 
-/// Launches an instance from the pristine image; only A exposes Docker's API (to deploy).
+/// Launches an instance from the pristine image with the demo's user data.
 async fn launch(
     world: &World,
     name: &str,
     zone: &str,
-    docker_api: bool,
+    user_data: &str,
 ) -> Result<(SimInstance, String), String> {
     let i = world
-        .launch(InstanceSpec::new(name, zone).user_data(user_data(docker_api)))
+        .launch(InstanceSpec::new(name, zone).user_data(user_data))
         .await
         .map_err(e)?;
     let detail = format!("{} running", i.id);
@@ -252,7 +265,34 @@ async fn run(d: &mut Demo, bench: bool) -> i32 {
         release_delay: world.fidelity().settings().release_after_termination,
         ..Marks::default()
     };
-    let code = scenario(d, &world, &mut instances, &mut marks).await;
+    let Some((registry, counter)) = d
+        .step(
+            "start a registry on the host and push the counter image",
+            async {
+                let r = Registry::start(&world.dir().join("registry"))
+                    .await
+                    .map_err(e)?;
+                let image = push_counter_image(&r, "1").await.map_err(e)?;
+                let detail = format!(
+                    "Debian's docker-registry at {} (TLS), {} pushed",
+                    r.guest_address(),
+                    image.reference
+                );
+                Ok(((r, image), detail))
+            },
+        )
+        .await
+    else {
+        return finish(d, Some(&world), &[], &marks, bench);
+    };
+    let user_data = match user_data(&registry, &counter) {
+        Ok(u) => u,
+        Err(why) => {
+            eprintln!("demo: the user data: {why}");
+            return 1;
+        }
+    };
+    let code = scenario(d, &world, &user_data, &mut instances, &mut marks).await;
     let code = code.max(finish(d, Some(&world), &instances, &marks, bench));
     drop(instances);
     code
@@ -262,6 +302,7 @@ async fn run(d: &mut Demo, bench: bool) -> i32 {
 async fn scenario(
     d: &mut Demo,
     world: &World,
+    user_data: &str,
     instances: &mut Vec<SimInstance>,
     marks: &mut Marks,
 ) -> i32 {
@@ -269,7 +310,7 @@ async fn scenario(
     let Some(a) = d
         .step(
             "launch instance A in us-east-1a (pristine image)",
-            launch(world, "A", "us-east-1a", true),
+            launch(world, "A", "us-east-1a", user_data),
         )
         .await
     else {
@@ -303,16 +344,19 @@ async fn scenario(
         return 1;
     };
     if d.step(
-        "start the counter container on A (--restart always)",
+        "A pulls and starts the declared counter (from the user data, no API call)",
         async {
-            let docker = a.docker().map_err(e)?;
-            docker.wait_ping(STEP).await.map_err(e)?;
-            let id = deploy_counter(&docker).await.map_err(e)?;
+            let pulled = wait(a, "containers: pulled ", STEP).await?;
+            let all = wait(a, "containers: all 1 declared running", STEP).await?;
+            let tail = |l: &ConsoleLine, after: &str| {
+                l.text.split(after).nth(1).unwrap_or("").trim().to_owned()
+            };
             Ok((
                 (),
                 format!(
-                    "image imported from a busybox tarball, container {}",
-                    &id[..12]
+                    "pulled {}; running {}",
+                    tail(&pulled, "containers: pulled "),
+                    tail(&all, "declared running, ")
                 ),
             ))
         },
@@ -359,7 +403,7 @@ async fn scenario(
     let Some(b) = d
         .step(
             "launch instance B in us-east-1a (pristine image)",
-            launch(world, "B", "us-east-1a", false),
+            launch(world, "B", "us-east-1a", user_data),
         )
         .await
     else {
@@ -414,7 +458,7 @@ async fn scenario(
     let Some(c) = d
         .step(
             "launch instance C in us-east-1a (pristine image)",
-            launch(world, "C", "us-east-1a", false),
+            launch(world, "C", "us-east-1a", user_data),
         )
         .await
     else {
@@ -468,7 +512,7 @@ async fn scenario(
     let Some(dd) = d
         .step(
             "launch instance D in us-east-1b (another zone)",
-            launch(world, "D", "us-east-1b", false),
+            launch(world, "D", "us-east-1b", user_data),
         )
         .await
     else {

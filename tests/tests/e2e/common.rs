@@ -7,13 +7,20 @@
 //! e2fsprogs (debugfs), and OVMF for the UEFI scenario. Work files stay in
 //! `build/test-runs/<scenario>/` (console logs with timestamps, QMP logs, volume files).
 
-#![allow(dead_code)]
-
 use std::time::{Duration, Instant};
 
 use spotworld::docker::{deploy_counter, Counter};
 use spotworld::qemu::{ConsoleCursor, ConsoleLine};
 use spotworld::world::{InstanceSpec, SimInstance, UserData, World};
+
+/// Scenarios in this binary run one after another: two at once would each boot VMs on the same
+/// two cores and stretch every deadline. A tokio mutex, so a scenario that panics frees the turn.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits for this scenario's turn; hold the guard for the whole scenario.
+pub async fn one_scenario_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    TURN.lock().await
+}
 
 /// From QEMU's start to `spotinit: ready` (about 20 s alone; much more with two VMs booting).
 pub const BOOT: Duration = Duration::from_secs(300);
@@ -43,21 +50,6 @@ pub fn never(i: &SimInstance, needle: &str) {
             i.diagnostics()
         );
     }
-}
-
-/// The first line containing `needle`, whatever the cursor (panics naming it otherwise).
-pub fn line(i: &SimInstance, needle: &str) -> ConsoleLine {
-    i.console()
-        .lines()
-        .into_iter()
-        .find(|l| l.text.contains(needle))
-        .unwrap_or_else(|| {
-            panic!(
-                "instance {}: no line containing {needle:?}\n{}",
-                i.name,
-                i.diagnostics()
-            )
-        })
 }
 
 /// Prints a measured step (visible with `--nocapture`, and in the test output on failure).

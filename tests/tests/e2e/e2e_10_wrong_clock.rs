@@ -16,13 +16,11 @@
 //! instance's clean record is measured against.) The SDK then signs with EC2's time, taken from
 //! the refusal's `Date`, so the retry succeeds and the boot goes on to ready on the right volume.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_10_wrong_clock -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_10_wrong_clock -- --nocapture`
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{expect, never, report, BOOT, STEP};
+use crate::common::{expect, never, report, BOOT, STEP};
 use spotworld::query::format_time;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings, BOOT_FAILED_MARKER};
 
@@ -45,6 +43,7 @@ fn rtc_base() -> String {
 
 #[tokio::test]
 async fn a_clock_hours_behind_is_stepped_before_the_first_ec2_call() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-10-wrong-clock"))
         .await

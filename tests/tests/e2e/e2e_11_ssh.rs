@@ -8,14 +8,12 @@
 //!
 //! Needs `ssh` and `ssh-keygen` on the host (openssh-client; tests/setup.sh installs it).
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_11_ssh -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_11_ssh -- --nocapture`
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{expect, report, BOOT, STEP};
+use crate::common::{expect, report, BOOT, STEP};
 use spotworld::world::{InstanceSpec, SimInstance, UserData, World, WorldSettings};
 use tokio::io::AsyncReadExt as _;
 
@@ -133,6 +131,7 @@ fn keygen(dir: &Path) -> (PathBuf, String) {
 
 #[tokio::test]
 async fn ssh_with_the_key_pair_from_imds_and_the_same_host_key_after_a_replacement() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-11-ssh"))
         .await

@@ -8,13 +8,11 @@
 //! rules cannot be installed (the kernel refuses the netfilter modules), Docker does not start:
 //! the boot fails closed naming the firewall and the way out.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_12_imds_blocked -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_12_imds_blocked -- --nocapture`
 
 use std::time::Instant;
 
-use common::{expect, never, report, BOOT, STEP};
+use crate::common::{expect, never, report, BOOT, STEP};
 use spotworld::docker::{deploy_counter, COUNTER_NAME};
 use spotworld::world::{docker_api_toml, InstanceSpec, Net, SimInstance, World, WorldSettings};
 
@@ -65,6 +63,7 @@ async fn wget_imds(i: &SimInstance) -> (i64, String) {
 
 #[tokio::test]
 async fn containers_cannot_reach_imds_unless_allowed() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-12-imds-blocked"))
         .await

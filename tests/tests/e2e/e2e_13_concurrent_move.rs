@@ -7,13 +7,11 @@
 //! the other never starts Docker, says who is moving (then who holds) the state, and powers off.
 //! One live volume remains, the old one tagged superseded by it.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_13_concurrent_move -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_13_concurrent_move -- --nocapture`
 
 use std::time::Instant;
 
-use common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
+use crate::common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
 use spotworld::docker::Counter;
 use spotworld::qemu::ConsoleLine;
 use spotworld::world::{
@@ -34,6 +32,7 @@ async fn outcome(i: &SimInstance) -> ConsoleLine {
 
 #[tokio::test]
 async fn two_instances_moving_one_volume_from_two_zones_leave_exactly_one_live_copy() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-13-concurrent-move"))
         .await

@@ -7,13 +7,11 @@
 //! first, marks the shutdown clean only once none is left, and detaches — well within the
 //! notice. B takes the volume: the record says the shutdown was clean, the counter is intact.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_14_drain_leftovers -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_14_drain_leftovers -- --nocapture`
 
 use std::time::{Duration, Instant};
 
-use common::{expect, expect_clean_takeover, report, BOOT, STEP};
+use crate::common::{expect, expect_clean_takeover, report, BOOT, STEP};
 use spotworld::docker::{counter_container, ContainerSpec, Counter};
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
@@ -31,6 +29,7 @@ fn helper(name: &str, script: &str) -> ContainerSpec {
 
 #[tokio::test]
 async fn the_drain_unmounts_what_docker_left_on_the_volume_and_detaches_it_clean() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-14-drain-leftovers"))
         .await

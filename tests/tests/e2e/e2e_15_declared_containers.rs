@@ -1,51 +1,42 @@
-//! Scenario 15, declared containers: the service comes from the user data, not from API calls.
-//! A puts the counter image into Docker's store on the state volume (as a pull would). B boots
-//! with the counter declared in `[[containers]]`: spotinit creates and starts it after `ready`
-//! (no pull: the image is on the volume), and it counts. A container started by hand on B is
-//! not spotinit's. After a spot notice, C with the same declaration keeps B's container (the
-//! same id, its count), and leaves the hand-made one alone. D declares the counter with a new
-//! environment value and a second container whose registry is down: the counter is replaced
-//! (new id, same count: its named volume stays), the pull is retried on the console, and
-//! Docker and the counter are unaffected.
+//! Scenario 15, declared containers: the service comes from the user data, not from API calls,
+//! and its image from a real registry (Debian's docker-registry on the host, TLS with the test
+//! CA given in `docker.registry_cas`). A boots with the counter declared in `[[containers]]`:
+//! spotinit pulls it (the registry serves its layer once), creates and starts it after
+//! `ready`, and it counts. A container started by hand on A is not spotinit's. After a spot
+//! notice, B with the same declaration keeps A's container (the same id, its count) without a
+//! pull (the image is on the state volume), and leaves the hand-made one alone. The registry
+//! goes down; C declares the counter with a new environment value and a second container whose
+//! image is not on the volume yet: the counter is replaced (new id, same count: its named
+//! volume stays), the second pull is retried on the console while Docker and the counter run,
+//! and once the registry is back the second container runs too.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_15_declared_containers -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_15_declared_containers -- --nocapture`
 
 use std::time::{Duration, Instant};
 
-use common::{expect, never, report, BOOT, STEP};
-use spotworld::docker::{
-    counter_container_named, import_counter_image, Counter, Docker, COUNTER_IMAGE,
-};
+use crate::common::{expect, never, report, BOOT, STEP};
+use spotworld::docker::{counter_container_named, push_counter_image, Counter, Docker};
 use spotworld::qemu::ConsoleLine;
+use spotworld::registry::{PushedImage, Registry};
 use spotworld::world::{InstanceSpec, SimInstance, UserData, World, WorldSettings};
 
 const VOLUME: &str = "e2e-15";
-/// An address where no registry answers (QEMU's host alias, a port nobody listens on).
-const DOWN_IMAGE: &str = "10.0.2.2:9/missing:1";
-
-/// The counter as `[[containers]]`, with `GREETING` set to `greeting`.
-fn declared_counter(greeting: &str) -> String {
+/// The counter as `[[containers]]` from `image`, with `GREETING` set to `greeting`.
+fn declared_counter(image: &PushedImage, greeting: &str) -> String {
     format!(
-        "[[containers]]\nname = \"counter\"\nimage = \"{}:{}\"\ncommand = [\"/bin/serve\"]\n\
+        "[[containers]]\nname = \"counter\"\nimage = \"{}\"\n\
          ports = [\"{}:80\"]\nvolumes = [\"counter-data:/data\"]\n\
          environment = {{ GREETING = \"{greeting}\" }}\nstop_timeout_secs = 10\n",
-        COUNTER_IMAGE.0,
-        COUNTER_IMAGE.1,
+        image.reference,
         spotworld::world::SERVICE_PORT
     )
 }
 
-fn user_data(declarations: &str) -> String {
+async fn launch(world: &World, registry: &Registry, name: &str, declarations: &str) -> SimInstance {
     let mut ud = UserData::new(VOLUME);
-    ud.extra = declarations.to_owned();
-    ud.to_toml()
-}
-
-async fn launch(world: &World, name: &str, declarations: &str) -> SimInstance {
+    ud.extra = registry.registry_cas_toml().unwrap() + declarations;
     world
-        .launch(InstanceSpec::new(name, "us-east-1a").user_data(user_data(declarations)))
+        .launch(InstanceSpec::new(name, "us-east-1a").user_data(ud.to_toml()))
         .await
         .unwrap()
 }
@@ -68,48 +59,59 @@ fn position(i: &SimInstance, l: &ConsoleLine) -> usize {
 }
 
 #[tokio::test]
-async fn declared_containers_are_created_kept_replaced_and_never_touched_otherwise() {
+async fn declared_containers_are_pulled_created_kept_replaced_and_never_touched_otherwise() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-15-declared"))
         .await
         .unwrap();
+    let mut registry = Registry::start(&world.dir().join("registry"))
+        .await
+        .unwrap();
+    let v1 = push_counter_image(&registry, "1").await.unwrap();
+    let v2 = push_counter_image(&registry, "2").await.unwrap();
+    report("registry: the counter pushed as :1 and :2", t0);
 
-    // A: the image into Docker's store on the state volume, then a clean power-off.
-    let a = launch(&world, "a", "").await;
-    a.wait_ready(BOOT).await.unwrap();
-    let docker = a.docker().unwrap();
-    docker.wait_ping(STEP).await.unwrap();
-    import_counter_image(&docker).await.unwrap();
-    let mut c = a.console_from_now();
-    a.powerdown().await.unwrap();
-    expect(&mut c, "powering off", STEP).await;
-    a.wait_poweroff(STEP).await.unwrap();
-    report("a: image on the volume", t0);
-
-    // B: declared, created and started after ready, without a pull.
-    let b = launch(&world, "b", &declared_counter("hello")).await;
-    let mut c = b.console();
+    // A: declared, pulled from the registry, created and started after ready.
+    let a = launch(&world, &registry, "a", &declared_counter(&v1, "hello")).await;
+    let mut c = a.console();
     let ready = expect(&mut c, "spotinit: ready in", BOOT).await;
     expect(
         &mut c,
-        "containers: 1 declared: counter (spotworld/counter:1)",
+        &format!("containers: 1 declared: counter ({})", v1.reference),
+        STEP,
+    )
+    .await;
+    expect(
+        &mut c,
+        &format!("containers: pulling {}", v1.reference),
+        STEP,
+    )
+    .await;
+    expect(
+        &mut c,
+        &format!("containers: pulled {} in", v1.reference),
         STEP,
     )
     .await;
     expect(&mut c, "containers: counter created and started", STEP).await;
     let all = expect(&mut c, "containers: all 1 declared running", STEP).await;
-    assert!(position(&b, &ready) < position(&b, &all));
-    never(&b, "containers: pulling");
+    assert!(position(&a, &ready) < position(&a, &all));
+    assert_eq!(
+        registry.layer_pulls(&v1).unwrap(),
+        1,
+        "one real pull of the layer"
+    );
     let counter = Counter {
-        port: b.service_port().unwrap(),
+        port: a.service_port().unwrap(),
     };
     assert_eq!(counter.wait_value(STEP).await.unwrap(), 0);
     for want in 1..=3 {
         assert_eq!(counter.increment().await.unwrap(), want);
     }
-    let docker = b.docker().unwrap();
-    let b_id = counter_id(&docker).await;
-    let env = docker.inspect(&b_id).await.unwrap()["Config"]["Env"].clone();
+    let docker = a.docker().unwrap();
+    let a_id = counter_id(&docker).await;
+    let env = docker.inspect(&a_id).await.unwrap()["Config"]["Env"].clone();
     assert!(
         env.as_array()
             .unwrap()
@@ -118,35 +120,34 @@ async fn declared_containers_are_created_kept_replaced_and_never_touched_otherwi
         "{env}"
     );
     // By hand, beside the declared one.
-    let by_hand = docker
-        .create_container(&counter_container_named("by-hand", "by-hand-data", None))
-        .await
-        .unwrap();
+    let mut spec = counter_container_named("by-hand", "by-hand-data", None);
+    spec.image = v1.reference.clone();
+    let by_hand = docker.create_container(&spec).await.unwrap();
     docker.start(&by_hand).await.unwrap();
     report(
-        "b: declared counter running at 3, one by hand beside it",
+        "a: declared counter pulled and running at 3, one by hand beside it",
         t0,
     );
 
-    // A spot notice; C with the same declaration keeps the container and its count.
-    let mut c = b.console_from_now();
-    b.post_spot_notice(Duration::from_secs(120));
+    // A spot notice; B with the same declaration keeps the container and its count, no pull.
+    let mut c = a.console_from_now();
+    a.post_spot_notice(Duration::from_secs(120));
     expect(&mut c, "detached in", STEP).await;
-    let successor = launch(&world, "c", &declared_counter("hello")).await;
-    let mut c = successor.console();
+    let b = launch(&world, &registry, "b", &declared_counter(&v1, "hello")).await;
+    let mut c = b.console();
     let kept = expect(&mut c, "containers: counter (", BOOT).await;
     assert!(
-        kept.text.contains(&b_id[..12]) && kept.text.contains("is as declared; kept"),
+        kept.text.contains(&a_id[..12]) && kept.text.contains("is as declared; kept"),
         "{}",
         kept.text
     );
     expect(&mut c, "containers: all 1 declared running", STEP).await;
     let counter = Counter {
-        port: successor.service_port().unwrap(),
+        port: b.service_port().unwrap(),
     };
     assert_eq!(counter.wait_value(STEP).await.unwrap(), 3);
-    let docker = successor.docker().unwrap();
-    assert_eq!(counter_id(&docker).await, b_id);
+    let docker = b.docker().unwrap();
+    assert_eq!(counter_id(&docker).await, a_id);
     let hand = docker
         .containers(true)
         .await
@@ -155,21 +156,29 @@ async fn declared_containers_are_created_kept_replaced_and_never_touched_otherwi
         .find(|x| x.name == "by-hand")
         .expect("the hand-made container is still there");
     assert_eq!(hand.id, by_hand);
-    never(&successor, "by-hand");
+    never(&b, "by-hand");
+    never(&b, "containers: pulling");
+    assert_eq!(registry.layer_pulls(&v1).unwrap(), 1, "no pull on B");
     report(
-        "c: the same container (same id), count 3, the hand-made one untouched",
+        "b: the same container (same id), count 3, no pull, the hand-made one untouched",
         t0,
     );
 
-    // D: the declaration changed, and a second container's registry is down.
-    let mut c = successor.console_from_now();
-    successor.powerdown().await.unwrap();
+    // C: the declaration changed, and a second container's image is not on the volume while
+    // the registry is down.
+    let mut c = b.console_from_now();
+    b.powerdown().await.unwrap();
     expect(&mut c, "powering off", STEP).await;
-    successor.wait_poweroff(STEP).await.unwrap();
-    let broken = format!("\n[[containers]]\nname = \"unreachable\"\nimage = \"{DOWN_IMAGE}\"\n");
-    let d = launch(&world, "d", &(declared_counter("changed") + &broken)).await;
-    let mut c = d.console();
-    d.wait_ready(BOOT).await.unwrap();
+    b.wait_poweroff(STEP).await.unwrap();
+    registry.stop().await;
+    let late = format!(
+        "\n[[containers]]\nname = \"late\"\nimage = \"{}\"\nvolumes = [\"late-data:/data\"]\n",
+        v2.reference
+    );
+    let declared = declared_counter(&v1, "changed") + &late;
+    let c_instance = launch(&world, &registry, "c", &declared).await;
+    let mut c = c_instance.console();
+    c_instance.wait_ready(BOOT).await.unwrap();
     expect(
         &mut c,
         "was created from another declaration; replacing it",
@@ -177,20 +186,26 @@ async fn declared_containers_are_created_kept_replaced_and_never_touched_otherwi
     )
     .await;
     expect(&mut c, "containers: counter replaced", STEP).await;
-    let retried = expect(&mut c, &format!("containers: pull {DOWN_IMAGE}: "), STEP).await;
+    let mut retries = c_instance.console();
+    let retried = expect(
+        &mut retries,
+        &format!("containers: pull {}: ", v2.reference),
+        STEP,
+    )
+    .await;
     assert!(retried.text.contains("retrying in"), "{}", retried.text);
     let counter = Counter {
-        port: d.service_port().unwrap(),
+        port: c_instance.service_port().unwrap(),
     };
     assert_eq!(counter.wait_value(STEP).await.unwrap(), 3);
     assert_eq!(counter.increment().await.unwrap(), 4);
-    let docker = d.docker().unwrap();
-    let d_id = counter_id(&docker).await;
+    let docker = c_instance.docker().unwrap();
+    let c_id = counter_id(&docker).await;
     assert_ne!(
-        d_id, b_id,
+        c_id, a_id,
         "the changed declaration should have replaced the container"
     );
-    let env = docker.inspect(&d_id).await.unwrap()["Config"]["Env"].clone();
+    let env = docker.inspect(&c_id).await.unwrap()["Config"]["Env"].clone();
     assert!(
         env.as_array()
             .unwrap()
@@ -198,9 +213,24 @@ async fn declared_containers_are_created_kept_replaced_and_never_touched_otherwi
             .any(|e| e == "GREETING=changed"),
         "{env}"
     );
-    never(&d, "BOOT FAILED");
     report(
-        "d: replaced with the count kept; the unreachable registry retried",
+        "c: replaced with the count kept; the pull retried while the registry is down",
         t0,
     );
+
+    // The registry is back: the retried pull succeeds and the second container runs.
+    registry.resume().await.unwrap();
+    // From the start: the retried pull may succeed before a cursor taken now would begin.
+    let mut c = c_instance.console();
+    expect(
+        &mut c,
+        &format!("containers: pulled {} in", v2.reference),
+        STEP,
+    )
+    .await;
+    expect(&mut c, "containers: late created and started", STEP).await;
+    expect(&mut c, "containers: all 2 declared running", STEP).await;
+    assert_eq!(counter.value().await.unwrap(), 4);
+    never(&c_instance, "BOOT FAILED");
+    report("c: the registry back, the second container running", t0);
 }

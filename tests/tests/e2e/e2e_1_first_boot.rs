@@ -3,18 +3,17 @@
 //! power button, the volume's backing file holds `docker/` (overlay2, the image, the container,
 //! the named volume with the counter's value) and spotinit's record of a clean shutdown.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_1_first_boot -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_1_first_boot -- --nocapture`
 
 use std::time::Instant;
 
-use common::{expect, report, BOOT, STEP};
+use crate::common::{expect, report, BOOT, STEP};
 use spotworld::docker::{deploy_counter, Counter, COUNTER_VOLUME};
 use spotworld::world::{debugfs, InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
 async fn first_boot_creates_formats_and_mounts_the_volume_under_docker() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-1-first-boot"))
         .await

@@ -4,18 +4,17 @@
 //! the same zone, booted from the pristine image, finds the volume, and the container comes back
 //! by itself (`--restart always`) with the same counter.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_2_graceful_interruption -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_2_graceful_interruption -- --nocapture`
 
 use std::time::{Duration, Instant};
 
-use common::{expect, expect_clean_takeover, first_instance_with_counter, report, STEP};
+use crate::common::{expect, expect_clean_takeover, first_instance_with_counter, report, STEP};
 use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
 async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-2-graceful"))
         .await

@@ -3,20 +3,19 @@
 //! the new instance waits for the release, checks the filesystem (the journal is replayed), and
 //! every increment the service acknowledged — each one fsync'ed before the answer — is there.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_3_hard_kill -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_3_hard_kill -- --nocapture`
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
+use crate::common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
 use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
 async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_write() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-3-hard-kill"))
         .await

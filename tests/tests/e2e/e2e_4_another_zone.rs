@@ -6,18 +6,17 @@
 //! stale — follows the `superseded-by` tag to the live copy instead, and moves that one back:
 //! the counter it serves is the copy's, never the old volume's.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_4_another_zone -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_4_another_zone -- --nocapture`
 
 use std::time::Instant;
 
-use common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
+use crate::common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
 use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
 async fn the_volume_follows_the_instance_into_another_zone_through_a_snapshot() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-4-another-zone"))
         .await

@@ -6,13 +6,11 @@
 //!
 //! Both VMs boot at once on two cores: slow, so the deadlines are generous.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_5_race -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_5_race -- --nocapture`
 
 use std::time::Instant;
 
-use common::{never, report, BOOT, STEP};
+use crate::common::{never, report, BOOT, STEP};
 use spotworld::qemu::ConsoleLine;
 use spotworld::world::{
     InstanceSpec, SimInstance, UserData, World, WorldSettings, BOOT_FAILED_MARKER, READY_MARKER,
@@ -32,6 +30,7 @@ async fn outcome(i: &SimInstance) -> ConsoleLine {
 
 #[tokio::test]
 async fn two_instances_race_for_one_volume_and_exactly_one_gets_it() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-5-race"))
         .await

@@ -7,13 +7,11 @@
 //! The cases boot one after another in one world (the IAM denial is world-wide, so it comes
 //! last); every case is checked and all failures are reported together.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_6_bad_input -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_6_bad_input -- --nocapture`
 
 use std::time::Instant;
 
-use common::{BOOT, STEP};
+use crate::common::{BOOT, STEP};
 use spotworld::world::{
     debugfs, InstanceSpec, SimInstance, UserData, World, WorldSettings, BOOT_FAILED_MARKER,
 };
@@ -128,6 +126,7 @@ async fn volume_with_overlay2_state(world: &World, name: &str) -> String {
 
 #[tokio::test]
 async fn bad_input_fails_closed_with_a_clear_message_and_no_docker() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-6-bad-input"))
         .await

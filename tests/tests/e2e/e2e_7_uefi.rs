@@ -4,17 +4,16 @@
 //! on the command line can point elsewhere) and the EC2 endpoint from the user data. The power
 //! button then drains it and detaches the volume.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_7_uefi -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_7_uefi -- --nocapture`
 
 use std::time::Instant;
 
-use common::{expect, report, BOOT, STEP};
+use crate::common::{expect, report, BOOT, STEP};
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
 async fn the_uefi_disk_boots_under_ovmf_to_ready_on_its_volume() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-7-uefi"))
         .await

@@ -6,13 +6,11 @@
 //! and a successor B, pristine image, brings all ten back by themselves with every count intact
 //! (and each count on its own volume: counts 1..10 cannot be mixed up unseen).
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_8_notice_ten_containers -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_8_notice_ten_containers -- --nocapture`
 
 use std::time::{Duration, Instant};
 
-use common::{expect, expect_clean_takeover, never, report, BOOT, STEP};
+use crate::common::{expect, expect_clean_takeover, never, report, BOOT, STEP};
 use spotworld::docker::{counter_container_named, import_counter_image, Counter};
 use spotworld::world::{
     parse_human, InstanceSpec, SimInstance, UserData, World, WorldSettings, DOCKER_API_PORT,
@@ -44,6 +42,7 @@ fn counter(i: &SimInstance, k: u16) -> Counter {
 
 #[tokio::test]
 async fn a_notice_with_ten_running_containers_detaches_in_time_and_loses_nothing() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let world = World::start(WorldSettings::new("e2e-8-ten-containers"))
         .await

@@ -5,17 +5,16 @@
 //! the volume back — it waits for the attachment to settle and detaches it, naming A — so the
 //! volume ends `available` for the successor, which then takes it at once.
 //!
-//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e_9_notice_during_boot -- --nocapture`
-
-mod common;
+//! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_9_notice_during_boot -- --nocapture`
 
 use std::time::{Duration, Instant};
 
-use common::{expect, never, report, BOOT, STEP};
+use crate::common::{expect, never, report, BOOT, STEP};
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
 async fn a_notice_during_the_volume_phase_interrupts_the_boot_and_still_detaches() {
+    let _turn = crate::common::one_scenario_at_a_time().await;
     let t0 = Instant::now();
     let mut settings = WorldSettings::new("e2e-9-notice-during-boot");
     // EC2 usually attaches in 1-4 s; a slow attachment keeps the window open for the notice.

@@ -1,0 +1,17 @@
+//! spotinit's integration tests, one module per concern, in one test binary: each test binary
+//! links the AWS SDK once more (minutes on two cores).
+//! - `volume`, `lifecycle`: the volume phase and the spot lifecycle against moto + the fidelity
+//!   layer + an IMDS mock, through the real SDK;
+//! - `clock`: the clock probe against the simulator's NTP server;
+//! - `privileged_volume`, `pid1`: loop devices, real mkfs/mount/binds, PID 1 of a PID namespace
+//!   (root; each re-executes this binary for its one test inside the namespaces).
+//!
+//! Run one module: `cargo test --release -p spotinit --test integration volume::`
+
+mod common;
+
+mod clock;
+mod lifecycle;
+mod pid1;
+mod privileged_volume;
+mod volume;
