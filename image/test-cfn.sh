@@ -6,7 +6,8 @@
 #      IMDSv2 required with hop limit 1 and metadata tags off, capacity rebalancing, a group of
 #      one that is 100 % spot (price-capacity-optimized), and the AssociateAddress statement only
 #      when an Elastic IP is given.
-#   3. The user data the template renders (with the default parameters, and with an Elastic IP)
+#   3. The user data the template renders (with the default parameters, with an Elastic IP, and
+#      with Service=gitlab, which also opens GitLab's ports and moves spotinit's SSH to 2222)
 #      passes `spotinit config check`, when a spotinit binary has been built.
 set -euo pipefail
 
@@ -124,9 +125,12 @@ def of_type(resources, kind):
     check(len(found) == 1, f"expected exactly one {kind}, found {len(found)}")
     return found[0] if found else {"Properties": {}}
 
-for label, params, eip in [("defaults", {}, None),
-                           ("with an Elastic IP", {"ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
-                            "eipalloc-0123456789abcdef0")]:
+gitlab = {"Service": "gitlab", "GitLabExternalUrl": "https://gitlab.example.com",
+          "KeyName": "my-key", "AllowedCidr": "203.0.113.0/24"}
+for name, label, params, eip in [("defaults", "defaults", {}, None),
+                                 ("eip", "with an Elastic IP", {"ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
+                                  "eipalloc-0123456789abcdef0"),
+                                 ("gitlab", "with GitLab", gitlab, None)]:
     res = render(params)
     lt = of_type(res, "AWS::EC2::LaunchTemplate")["Properties"].get("LaunchTemplateData", {})
     md = lt.get("MetadataOptions", {})
@@ -156,8 +160,19 @@ for label, params, eip in [("defaults", {}, None),
         check(not associate, f"{label}: the role may associate addresses without an Elastic IP given")
     check(not any(s.get("Action") == "*" or s.get("Action") == "ec2:*" for s in statements),
           f"{label}: a statement grants every action")
-    with open(f"{out}/user-data-{'eip' if eip else 'defaults'}.toml", "w") as f:
-        f.write(lt.get("UserData", ""))
+    user_data = lt.get("UserData", "")
+    ingress = of_type(res, "AWS::EC2::SecurityGroup")["Properties"].get("SecurityGroupIngress", [])
+    ports = sorted(int(r["FromPort"]) for r in ingress)
+    if params is gitlab:
+        check('[[containers]]' in user_data and 'name = "gitlab"' in user_data,
+              f"{label}: the user data declares no GitLab")
+        check("external_url 'https://gitlab.example.com'" in user_data, f"{label}: external_url missing")
+        check("[ssh]\nport = 2222" in user_data, f"{label}: spotinit's SSH is not moved to 2222")
+        check(ports == [22, 80, 443, 2222], f"{label}: the security group opens {ports}, not 22, 80, 443, 2222")
+    else:
+        check("[[containers]]" not in user_data, f"{label}: the user data declares containers")
+    with open(f"{out}/user-data-{name}.toml", "w") as f:
+        f.write(user_data)
 
 for p in problems:
     print("test-cfn.sh:", p, file=sys.stderr)
