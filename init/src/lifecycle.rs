@@ -4,13 +4,11 @@
 //! recommendation and on a schedule), pruning only spotinit's own; and hold the instance's
 //! stable address (an Elastic IP re-associated from the dead predecessor).
 
-use crate::boot::Machine;
-use crate::cloud::{CloudError, Ec2, Identity, Metadata, SnapshotInfo};
+use crate::cloud::{CloudError, Ec2, Identity, Metadata, SnapshotInfo, SnapshotState};
+use crate::cloud::tags;
 use crate::config::{AfterDrain, Config};
 use crate::console::human;
-use crate::services::docker;
-use crate::shutdown::{Request, Then};
-use crate::sys::System;
+use crate::machine::{Request, Then};
 use crate::volume::attach::api;
 use crate::volume::layout::parse_rfc3339;
 use std::collections::BTreeMap;
@@ -18,10 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// Time kept back from the deadline for what follows the containers: containerd, sync,
-/// unmount, DetachVolume and its confirmation.
-pub const RESERVE: Duration = Duration::from_secs(20);
 
 /// EC2 gives two minutes; a notice further out than this is read as this far (a time from
 /// IMDS must never make an Instant overflow in the watcher).
@@ -109,62 +103,6 @@ pub fn watch<M: Metadata + Clone>(
     });
 }
 
-/// Stops every running container through the Engine API with a timeout that fits before the
-/// deadline (less [`RESERVE`]), all at once. Returns how many were running.
-pub async fn stop_containers_before<S: System>(
-    m: &Machine<S>,
-    cfg: &Config,
-    deadline: Instant,
-) -> usize {
-    let socket = m.paths.p(docker::DOCKER_SOCKET);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let budget = left
-        .saturating_sub(RESERVE)
-        .min(Duration::from_secs(cfg.docker.stop_timeout_secs))
-        .max(Duration::from_secs(1));
-    let ids = match docker::running_containers(&socket).await {
-        Ok(ids) => ids,
-        Err(e) => {
-            crate::log!("shutdown: cannot list containers: {e}");
-            return 0;
-        }
-    };
-    crate::log!(
-        "shutdown: stopping {} with a {} stop timeout ({} left)",
-        crate::console::count(ids.len(), "container"),
-        human(budget),
-        human(left)
-    );
-    let handles: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let (socket, id) = (socket.clone(), id.clone());
-            tokio::spawn(async move {
-                let path = format!("/containers/{id}/stop?t={}", budget.as_secs());
-                docker::request(&socket, "POST", &path, budget + Duration::from_secs(10)).await
-            })
-        })
-        .collect();
-    for (h, id) in handles.into_iter().zip(&ids) {
-        match h.await {
-            Ok(Ok((code, _))) if code < 300 || code == 304 => {}
-            Ok(Ok((code, body))) => {
-                crate::log!(
-                    "shutdown: stopping container {id}: HTTP {code} {}",
-                    body.trim()
-                )
-            }
-            Ok(Err(e)) => crate::log!("shutdown: stopping container {id}: {e}"),
-            Err(_) => {}
-        }
-    }
-    ids.len()
-}
-
-pub const TAG_PURPOSE: &str = "spotinit:purpose";
-pub const PURPOSE_BACKUP: &str = "backup";
-pub const TAG_VOLUME: &str = "spotinit:volume";
-pub const TAG_REASON: &str = "spotinit:reason";
 
 /// Snapshots of the state volume that spotinit takes and prunes. Pruning only ever looks at
 /// snapshots tagged `spotinit:purpose=backup` for this volume: nobody else's are touched.
@@ -178,8 +116,8 @@ pub struct Snapshots<E: Ec2> {
 impl<E: Ec2> Snapshots<E> {
     fn ours(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
-            (TAG_PURPOSE.to_string(), PURPOSE_BACKUP.to_string()),
-            (TAG_VOLUME.to_string(), self.volume_id.clone()),
+            (tags::PURPOSE.to_string(), tags::PURPOSE_BACKUP.to_string()),
+            (tags::VOLUME.to_string(), self.volume_id.clone()),
         ])
     }
 
@@ -187,9 +125,9 @@ impl<E: Ec2> Snapshots<E> {
     /// instance keeps running), then prunes.
     pub async fn take(&self, reason: &str) -> Result<String, CloudError> {
         let mut tags = self.ours();
-        tags.insert(TAG_REASON.into(), reason.into());
+        tags.insert(tags::REASON.into(), reason.into());
         tags.insert(
-            crate::volume::select::TAG_CREATED_BY.into(),
+            tags::CREATED_BY.into(),
             self.me.instance_id.clone(),
         );
         let description = format!(
@@ -222,14 +160,14 @@ impl<E: Ec2> Snapshots<E> {
                 .into_iter()
                 // Belt and braces: the filter asked EC2 for these tags; check them again here.
                 .filter(|s| {
-                    s.tags.get(TAG_PURPOSE).map(String::as_str) == Some(PURPOSE_BACKUP)
-                        && s.tags.get(TAG_VOLUME) == Some(&self.volume_id)
+                    s.tags.get(tags::PURPOSE).map(String::as_str) == Some(tags::PURPOSE_BACKUP)
+                        && s.tags.get(tags::VOLUME) == Some(&self.volume_id)
                 })
                 .collect();
         ours.sort_by(|a, b| b.start_time.cmp(&a.start_time).then(b.id.cmp(&a.id)));
         let mut deleted = Vec::new();
         for s in ours.iter().skip(self.keep as usize) {
-            if s.state != "completed" {
+            if s.state != SnapshotState::Completed {
                 continue;
             }
             api("DeleteSnapshot", || self.ec2.delete_snapshot(&s.id)).await?;

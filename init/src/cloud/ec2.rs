@@ -137,7 +137,7 @@ fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
         zone: v.availability_zone().unwrap_or_default().into(),
         state: v
             .state()
-            .map(|s| s.as_str().to_string())
+            .map(|s| s.as_str().into())
             .unwrap_or_default(),
         size_gib: v.size().unwrap_or_default().max(0) as u32,
         volume_type: v
@@ -161,7 +161,7 @@ fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
                 device: a.device().unwrap_or_default().into(),
                 state: a
                     .state()
-                    .map(|s| s.as_str().to_string())
+                    .map(|s| s.as_str().into())
                     .unwrap_or_default(),
             })
             .collect(),
@@ -175,7 +175,7 @@ fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> SnapshotInfo {
         volume_id: s.volume_id().unwrap_or_default().into(),
         state: s
             .state()
-            .map(|x| x.as_str().to_string())
+            .map(|x| x.as_str().into())
             .unwrap_or_default(),
         progress: s.progress().unwrap_or_default().into(),
         start_time: s
@@ -214,7 +214,7 @@ impl Ec2 for Ec2Client {
         // Deleted volumes linger in DescribeVolumes for a while; they are not candidates. And
         // the filter is checked again exactly, whatever EC2 made of it.
         out.retain(|v| {
-            v.state != "deleting" && v.state != "deleted" && super::has_tags(&v.tags, tags)
+            !v.state.is_going() && super::has_tags(&v.tags, tags)
         });
         Ok(out)
     }
@@ -258,7 +258,7 @@ impl Ec2 for Ec2Client {
             zone: out.availability_zone().unwrap_or_default().into(),
             state: out
                 .state()
-                .map(|s| s.as_str().to_string())
+                .map(|s| s.as_str().into())
                 .unwrap_or_default(),
             size_gib: out.size().unwrap_or_default().max(0) as u32,
             volume_type: out
@@ -350,7 +350,7 @@ impl Ec2 for Ec2Client {
                     state: i
                         .state()
                         .and_then(|s| s.name())
-                        .map(|n| n.as_str().to_string())
+                        .map(|n| n.as_str().into())
                         .unwrap_or_default(),
                     zone: i
                         .placement()

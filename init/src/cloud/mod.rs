@@ -8,6 +8,9 @@ pub mod ec2;
 pub mod imds;
 #[cfg(feature = "aws")]
 mod sdk;
+mod states;
+
+pub use states::{tags, AttachmentState, InstanceState, SnapshotState, VolumeState};
 
 use crate::retry::{Attempt, Retry};
 use std::collections::BTreeMap;
@@ -75,16 +78,14 @@ pub trait Metadata: Send + Sync + 'static {
 pub struct Attachment {
     pub instance_id: String,
     pub device: String,
-    /// attaching, attached, detaching, detached, busy.
-    pub state: String,
+    pub state: AttachmentState,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VolumeInfo {
     pub id: String,
     pub zone: String,
-    /// creating, available, in-use, deleting, deleted, error.
-    pub state: String,
+    pub state: VolumeState,
     pub size_gib: u32,
     pub volume_type: String,
     pub iops: Option<u32>,
@@ -156,8 +157,7 @@ pub struct NewVolume {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InstanceInfo {
     pub id: String,
-    /// pending, running, shutting-down, terminated, stopping, stopped.
-    pub state: String,
+    pub state: InstanceState,
     pub zone: String,
 }
 
@@ -165,8 +165,7 @@ pub struct InstanceInfo {
 pub struct SnapshotInfo {
     pub id: String,
     pub volume_id: String,
-    /// pending, completed, error.
-    pub state: String,
+    pub state: SnapshotState,
     /// "42%".
     pub progress: String,
     /// RFC 3339.

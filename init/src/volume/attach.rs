@@ -2,7 +2,9 @@
 //! to release it, then optionally force-detach), wait for `attached`, and detach at shutdown.
 
 use super::{Step, VolumeError};
-use crate::cloud::{CloudError, Ec2, ErrorKind, Identity, VolumeInfo};
+use crate::cloud::{
+    AttachmentState, CloudError, Ec2, ErrorKind, Identity, InstanceState, SnapshotState, VolumeInfo,
+};
 use crate::config;
 use crate::console::human;
 use crate::retry::Retry;
@@ -36,10 +38,13 @@ fn api_err(step: Step) -> impl Fn(CloudError) -> VolumeError {
     move |err| VolumeError::Api { step, err }
 }
 
-fn is_dead(state: &str) -> bool {
+fn is_dead(state: &InstanceState) -> bool {
     matches!(
         state,
-        "shutting-down" | "terminated" | "stopping" | "stopped"
+        InstanceState::ShuttingDown
+            | InstanceState::Terminated
+            | InstanceState::Stopping
+            | InstanceState::Stopped
     )
 }
 
@@ -57,7 +62,7 @@ async fn describe<E: Ec2>(ec2: &E, id: &str, step: Step) -> Result<VolumeInfo, V
 fn holder<'a>(v: &'a VolumeInfo, me: &Identity) -> Option<&'a crate::cloud::Attachment> {
     v.attachments
         .iter()
-        .find(|a| a.instance_id != me.instance_id && a.state != "detached")
+        .find(|a| a.instance_id != me.instance_id && a.state != AttachmentState::Detached)
 }
 
 /// A live instance (other than `me`) holding the volume is an error, at once.
@@ -74,7 +79,7 @@ pub async fn refuse_live_holder<E: Ec2>(
     })
     .await
     .map_err(api_err(Step::Attach))?;
-    let state = inst.map(|i| i.state).unwrap_or_else(|| "terminated".into());
+    let state = inst.map_or(InstanceState::Terminated, |i| i.state);
     if is_dead(&state) {
         return Ok(());
     }
@@ -120,7 +125,7 @@ async fn wait_unheld_forced<E: Ec2>(
         })
         .await
         .map_err(api_err(Step::Attach))?;
-        let state = inst.map(|i| i.state).unwrap_or_else(|| "terminated".into());
+        let state = inst.map_or(InstanceState::Terminated, |i| i.state);
         if !is_dead(&state) {
             return Err(VolumeError::HeldByRunning {
                 volume: v.id.clone(),
@@ -190,7 +195,7 @@ pub async fn attach_exclusive<E: Ec2>(
         let mine = v
             .attachments
             .iter()
-            .find(|a| a.instance_id == me.instance_id && a.state != "detached");
+            .find(|a| a.instance_id == me.instance_id && a.state != AttachmentState::Detached);
         if mine.is_none() {
             let (v, forced) = wait_unheld_forced(ec2, &v, cfg, me).await?;
             forced_any |= forced;
@@ -261,19 +266,19 @@ async fn wait_attached<E: Ec2>(
             .iter()
             .find(|a| a.instance_id == me.instance_id)
             .map(|a| a.state.clone());
-        match state.as_deref() {
-            Some("attached") => {
+        match state {
+            Some(AttachmentState::Attached) => {
                 crate::log!("volume: {volume_id} attached in {}", human(start.elapsed()));
                 return Ok(());
             }
-            Some("attaching") | Some("busy") => {}
+            Some(AttachmentState::Attaching) | Some(AttachmentState::Busy) => {}
             other => {
                 return Err(VolumeError::Device {
                     volume: volume_id.into(),
                     detail: format!(
                         "its attachment to {} went to {} while attaching",
                         me.instance_id,
-                        other.unwrap_or("nothing")
+                        other.as_ref().map_or("nothing", AttachmentState::as_str)
                     ),
                 })
             }
@@ -324,11 +329,11 @@ pub async fn detach<E: Ec2>(
                 let ours = v
                     .attachments
                     .iter()
-                    .find(|a| a.instance_id == me.instance_id && a.state != "detached");
-                match ours.map(|a| a.state.as_str()) {
+                    .find(|a| a.instance_id == me.instance_id && a.state != AttachmentState::Detached);
+                match ours.map(|a| &a.state) {
                     None => return Ok(start.elapsed()),
-                    Some("detaching") => break 'detach,
-                    Some("attached") => {
+                    Some(AttachmentState::Detaching) => break 'detach,
+                    Some(AttachmentState::Attached) => {
                         if start.elapsed() > deadline {
                             return Err(VolumeError::Timeout {
                                 step: Step::Detach,
@@ -381,7 +386,7 @@ pub async fn detach<E: Ec2>(
         let still = v
             .attachments
             .iter()
-            .any(|a| a.instance_id == me.instance_id && a.state != "detached");
+            .any(|a| a.instance_id == me.instance_id && a.state != AttachmentState::Detached);
         if !still {
             return Ok(start.elapsed());
         }
@@ -410,14 +415,14 @@ pub async fn wait_snapshot<E: Ec2>(
             .await
             .map_err(api_err(Step::Move))?;
         match s {
-            Some(s) if s.state == "completed" => {
+            Some(s) if s.state == SnapshotState::Completed => {
                 crate::log!(
                     "volume: snapshot {snapshot} of {volume} completed in {}",
                     human(start.elapsed())
                 );
                 return Ok(start.elapsed());
             }
-            Some(s) if s.state == "error" => {
+            Some(s) if s.state == SnapshotState::Error => {
                 return Err(VolumeError::Timeout {
                     step: Step::Move,
                     volume: volume.into(),

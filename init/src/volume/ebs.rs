@@ -6,7 +6,8 @@ use super::attach;
 use super::device::{io_timeout_files, DeviceWatcher, VolumeMatch};
 use super::fs::{self, Decision, Origin};
 use super::layout::{self, Record, RECORD_FORMAT};
-use super::select::{self, FORMAT_DONE, FORMAT_STARTED, TAG_FORMAT};
+use super::select::{self, FORMAT_DONE, FORMAT_STARTED};
+use crate::cloud::tags;
 use super::{pivot, Mounted, Step, VolumeError, VolumePhase};
 use crate::cloud::{Ec2, Identity, VolumeInfo};
 use crate::config::{self, VolumeMode};
@@ -160,7 +161,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         let (size, content) = fs::probe(device).map_err(unreadable)?;
         let info = self.info.clone().unwrap_or_default();
         let unfinished_first_format = info
-            .tag(TAG_FORMAT)
+            .tag(tags::FORMAT)
             .is_some_and(|t| t.starts_with(FORMAT_STARTED))
             && info.snapshot_id.is_none();
         let origin = Origin {

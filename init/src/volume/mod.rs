@@ -102,13 +102,13 @@ pub enum VolumeError {
     HeldByRunning {
         volume: String,
         holder: String,
-        state: String,
+        state: crate::cloud::InstanceState,
     },
     /// A dead instance still holds it after the release wait, and force-detach is off.
     NotReleased {
         volume: String,
         holder: String,
-        state: String,
+        state: crate::cloud::InstanceState,
         waited: Duration,
     },
     /// A wait ran past its deadline.

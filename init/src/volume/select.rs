@@ -21,23 +21,19 @@
 
 use super::attach::{self, api};
 use super::{Step, VolumeError};
-use crate::cloud::{describe_tags, is_reserved_tag_key, Ec2, Identity, NewVolume, VolumeInfo};
+use crate::cloud::{
+    describe_tags, is_reserved_tag_key, AttachmentState, Ec2, Identity, NewVolume, VolumeInfo,
+    VolumeState,
+};
+use crate::cloud::tags;
 use crate::config;
 use crate::console::human;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
-pub const TAG_CREATED_BY: &str = "spotinit:created-by";
-pub const TAG_CREATED_AT: &str = "spotinit:created-at";
-pub const TAG_MOVED_FROM: &str = "spotinit:moved-from";
-pub const TAG_MOVE_CLAIM: &str = "spotinit:move-claim";
-pub const TAG_MOVING: &str = "spotinit:moving";
-pub const TAG_SUPERSEDED_BY: &str = "spotinit:superseded-by";
-pub const TAG_SUPERSEDED_AT: &str = "spotinit:superseded-at";
 /// `started by <instance> at <time>` while spotinit's first mkfs of a volume runs, `done`
 /// after: a volume whose tag still says `started` never held anything but that mkfs.
-pub const TAG_FORMAT: &str = "spotinit:format";
 pub const FORMAT_STARTED: &str = "started";
 pub const FORMAT_DONE: &str = "done";
 
@@ -90,12 +86,12 @@ impl MoveClaim {
     }
 
     fn of(v: &VolumeInfo) -> Option<MoveClaim> {
-        v.tag(TAG_MOVING).and_then(MoveClaim::parse)
+        v.tag(tags::MOVING).and_then(MoveClaim::parse)
     }
 }
 
 fn superseded_by(v: &VolumeInfo) -> Option<&str> {
-    v.tag(TAG_SUPERSEDED_BY).filter(|s| !s.is_empty())
+    v.tag(tags::SUPERSEDED_BY).filter(|s| !s.is_empty())
 }
 
 pub async fn select<E: Ec2>(
@@ -110,7 +106,7 @@ pub async fn select<E: Ec2>(
         },
         None => by_tags(ec2, cfg, me).await?,
     };
-    if selected.volume.state == "creating" {
+    if selected.volume.state == VolumeState::Creating {
         selected.volume = wait_available(ec2, &selected.volume.id, Step::Create, cfg).await?;
     }
     if selected.volume.zone != me.zone {
@@ -189,7 +185,7 @@ pub async fn follow_chain<E: Ec2>(ec2: &E, first: VolumeInfo) -> Result<VolumeIn
         }
         let n = describe(ec2, &next)
             .await?
-            .filter(|n| n.state != "deleting" && n.state != "deleted")
+            .filter(|n| !n.state.is_going())
             .ok_or_else(|| VolumeError::Lineage {
                 volume: origin.clone(),
                 detail: format!(
@@ -201,7 +197,7 @@ pub async fn follow_chain<E: Ec2>(ec2: &E, first: VolumeInfo) -> Result<VolumeIn
             "volume: {} was moved to {next} in {} ({}); following it",
             v.id,
             n.zone,
-            v.tag(TAG_SUPERSEDED_AT).unwrap_or("at an unknown time")
+            v.tag(tags::SUPERSEDED_AT).unwrap_or("at an unknown time")
         );
         seen.push(next);
         v = n;
@@ -214,12 +210,12 @@ async fn is_live<E: Ec2>(ec2: &E, instance: &str) -> Result<bool, VolumeError> {
     let i = api("DescribeInstances", || ec2.describe_instance(instance))
         .await
         .map_err(select_err)?;
-    Ok(i.is_some_and(|i| i.state == "running" || i.state == "pending"))
+    Ok(i.is_some_and(|i| i.state.is_live()))
 }
 
 /// The copies made of `source` (volumes tagged `spotinit:moved-from=<source>`), not deleted.
 async fn copies_of<E: Ec2>(ec2: &E, source: &str) -> Result<Vec<VolumeInfo>, VolumeError> {
-    let filter = BTreeMap::from([(TAG_MOVED_FROM.to_string(), source.to_string())]);
+    let filter = BTreeMap::from([(tags::MOVED_FROM.to_string(), source.to_string())]);
     api("DescribeVolumes", || ec2.find_volumes(&filter))
         .await
         .map_err(select_err)
@@ -254,7 +250,7 @@ async fn resolve_move<E: Ec2>(
     let copies = copies_of(ec2, &v.id).await?;
     let claim_value = claim.value();
     let made = copies.iter().filter(|c| {
-        c.tag(TAG_MOVE_CLAIM) == Some(claim_value.as_str()) && superseded_by(c).is_none()
+        c.tag(tags::MOVE_CLAIM) == Some(claim_value.as_str()) && superseded_by(c).is_none()
     });
     match oldest(made) {
         None => Ok(v),
@@ -275,7 +271,7 @@ async fn resolve_move<E: Ec2>(
 
 /// Why a volume found by tags is not a candidate: a copy that never held the state.
 fn orphan_reason(c: &VolumeInfo, found: &[VolumeInfo]) -> Option<String> {
-    let source_id = c.tag(TAG_MOVED_FROM)?;
+    let source_id = c.tag(tags::MOVED_FROM)?;
     match found.iter().find(|v| v.id == source_id) {
         Some(source) => match superseded_by(source) {
             Some(winner) if winner != c.id => Some(format!(
@@ -283,8 +279,8 @@ fn orphan_reason(c: &VolumeInfo, found: &[VolumeInfo]) -> Option<String> {
             )),
             Some(_) => None,
             None => {
-                let claim = source.tag(TAG_MOVING).unwrap_or_default();
-                (c.tag(TAG_MOVE_CLAIM) != Some(claim) || claim.is_empty()).then(|| {
+                let claim = source.tag(tags::MOVING).unwrap_or_default();
+                (c.tag(tags::MOVE_CLAIM) != Some(claim) || claim.is_empty()).then(|| {
                     format!("a copy of {source_id} from a move that was abandoned; {source_id} kept the state")
                 })
             }
@@ -293,7 +289,7 @@ fn orphan_reason(c: &VolumeInfo, found: &[VolumeInfo]) -> Option<String> {
         None => {
             let siblings = found
                 .iter()
-                .filter(|v| v.tag(TAG_MOVED_FROM) == Some(source_id) && superseded_by(v).is_none());
+                .filter(|v| v.tag(tags::MOVED_FROM) == Some(source_id) && superseded_by(v).is_none());
             let winner = oldest(siblings)?;
             (winner.id != c.id).then(|| {
                 format!(
@@ -335,13 +331,13 @@ async fn by_tags<E: Ec2>(
         .iter()
         .filter(|s| {
             live.iter()
-                .any(|c| c.tag(TAG_MOVED_FROM) == Some(s.id.as_str()))
+                .any(|c| c.tag(tags::MOVED_FROM) == Some(s.id.as_str()))
         })
         .cloned()
         .collect();
     for s in sources {
         let continued = resolve_move(ec2, s.clone(), me).await?;
-        live.retain(|v| v.id != s.id && v.tag(TAG_MOVED_FROM) != Some(s.id.as_str()));
+        live.retain(|v| v.id != s.id && v.tag(tags::MOVED_FROM) != Some(s.id.as_str()));
         live.push(continued);
     }
     match live.len() {
@@ -381,7 +377,7 @@ async fn by_tags<E: Ec2>(
                 .map(|v| {
                     let created = v
                         .tags
-                        .get(TAG_CREATED_AT)
+                        .get(tags::CREATED_AT)
                         .map(|t| format!(", created {t}"))
                         .unwrap_or_default();
                     format!("{} ({}, {}{created})", v.id, v.zone, v.state)
@@ -410,8 +406,8 @@ async fn create<E: Ec2>(
     me: &Identity,
 ) -> Result<Selected, VolumeError> {
     let mut tags = cfg.tags.clone();
-    tags.insert(TAG_CREATED_BY.into(), me.instance_id.clone());
-    tags.insert(TAG_CREATED_AT.into(), now());
+    tags.insert(tags::CREATED_BY.into(), me.instance_id.clone());
+    tags.insert(tags::CREATED_AT.into(), now());
     let spec = NewVolume {
         zone: me.zone.clone(),
         size_gib: cfg.size_gib,
@@ -460,7 +456,7 @@ async fn wait_available<E: Ec2>(
             .await
             .map_err(|err| VolumeError::Api { step, err })?;
         match v {
-            Some(v) if v.state != "creating" => return Ok(v),
+            Some(v) if v.state != VolumeState::Creating => return Ok(v),
             Some(_) | None if start.elapsed() < deadline => {
                 // DescribeVolumes is eventually consistent: a new volume may be missing briefly.
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -478,7 +474,7 @@ async fn wait_available<E: Ec2>(
 
 /// Sets the volume's `spotinit:format` tag (around its first mkfs).
 pub async fn set_format_tag<E: Ec2>(ec2: &E, id: &str, value: &str) -> Result<(), VolumeError> {
-    tag(ec2, id, &[(TAG_FORMAT, value)])
+    tag(ec2, id, &[(tags::FORMAT, value)])
         .await
         .map_err(|e| match e {
             VolumeError::Api { err, .. } => VolumeError::Api {
@@ -511,7 +507,7 @@ async fn mark_superseded<E: Ec2>(ec2: &E, old: &str, new: &str) -> Result<(), Vo
     tag(
         ec2,
         old,
-        &[(TAG_SUPERSEDED_BY, new), (TAG_SUPERSEDED_AT, &now())],
+        &[(tags::SUPERSEDED_BY, new), (tags::SUPERSEDED_AT, &now())],
     )
     .await
 }
@@ -521,7 +517,7 @@ async fn mark_superseded<E: Ec2>(ec2: &E, old: &str, new: &str) -> Result<(), Vo
 async fn withdraw_claim<E: Ec2>(ec2: &E, source: &str, claim: &MoveClaim) {
     if let Ok(Some(v)) = describe(ec2, source).await {
         if MoveClaim::of(&v).as_ref() == Some(claim) {
-            if let Err(e) = tag(ec2, source, &[(TAG_MOVING, "")]).await {
+            if let Err(e) = tag(ec2, source, &[(tags::MOVING, "")]).await {
                 crate::log!("volume: could not withdraw the move claim on {source}: {e}");
             }
         }
@@ -537,7 +533,8 @@ async fn drop_copy<E: Ec2>(ec2: &E, copy: &str, continued_by: &str) {
     match api("DeleteVolume", || ec2.delete_volume(copy)).await {
         Ok(()) => crate::log!("volume: deleted the dropped copy {copy}"),
         Err(e) => crate::log!(
-            "volume: could not delete the dropped copy {copy} ({e}); it is tagged {TAG_SUPERSEDED_BY}={continued_by} and never held state: delete it"
+            "volume: could not delete the dropped copy {copy} ({e}); it is tagged {}={continued_by} and never held state: delete it",
+            tags::SUPERSEDED_BY
         ),
     }
 }
@@ -562,7 +559,7 @@ async fn move_here<E: Ec2>(
     attach::refuse_live_holder(ec2, old, me).await?;
     // 1. Claim it, give the claim time to be seen, and read it back.
     let claim = MoveClaim::new(me);
-    tag(ec2, &old.id, &[(TAG_MOVING, &claim.value())]).await?;
+    tag(ec2, &old.id, &[(tags::MOVING, &claim.value())]).await?;
     tokio::time::sleep(SETTLE).await;
     let now_old = describe(ec2, &old.id)
         .await?
@@ -608,7 +605,7 @@ async fn move_here<E: Ec2>(
     let snap_tags = BTreeMap::from([
         ("spotinit:purpose".to_string(), "move".to_string()),
         ("spotinit:volume".to_string(), old.id.clone()),
-        (TAG_CREATED_BY.to_string(), me.instance_id.clone()),
+        (tags::CREATED_BY.to_string(), me.instance_id.clone()),
     ]);
     let description = format!(
         "spotinit: moving {} from {} to {} for {}",
@@ -638,10 +635,10 @@ async fn move_here<E: Ec2>(
         .filter(|(k, _)| !k.starts_with("spotinit:") && !is_reserved_tag_key(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    tags.insert(TAG_MOVED_FROM.into(), old.id.clone());
-    tags.insert(TAG_MOVE_CLAIM.into(), claim.value());
-    tags.insert(TAG_CREATED_BY.into(), me.instance_id.clone());
-    tags.insert(TAG_CREATED_AT.into(), now());
+    tags.insert(tags::MOVED_FROM.into(), old.id.clone());
+    tags.insert(tags::MOVE_CLAIM.into(), claim.value());
+    tags.insert(tags::CREATED_BY.into(), me.instance_id.clone());
+    tags.insert(tags::CREATED_AT.into(), now());
     let spec = NewVolume {
         zone: me.zone.clone(),
         size_gib: old.size_gib,
@@ -692,7 +689,7 @@ async fn move_here<E: Ec2>(
     let taken = match &after {
         None => Some("it was deleted".to_string()),
         Some(a) => {
-            if let Some(h) = a.attachments.iter().find(|x| x.state != "detached") {
+            if let Some(h) = a.attachments.iter().find(|x| x.state != AttachmentState::Detached) {
                 Some(format!("instance {} attached it meanwhile", h.instance_id))
             } else if MoveClaim::of(a).as_ref() != Some(&claim) {
                 Some("its move claim changed meanwhile".to_string())
@@ -713,12 +710,13 @@ async fn move_here<E: Ec2>(
     // 4. From here on the copy is the state.
     mark_superseded(ec2, &old.id, &new.id).await?;
     crate::log!(
-        "volume: {} now continues as {} in {} (from snapshot {snap}, {}); {} is tagged {TAG_SUPERSEDED_BY}={}",
+        "volume: {} now continues as {} in {} (from snapshot {snap}, {}); {} is tagged {}={}",
         old.id,
         new.id,
         me.zone,
         human(started.elapsed()),
         old.id,
+        tags::SUPERSEDED_BY,
         new.id
     );
     if cfg.delete_superseded {
@@ -770,7 +768,7 @@ pub async fn confirm_current<E: Ec2>(
             claim.zone,
             claim.since
         );
-        tag(ec2, id, &[(TAG_MOVING, "")]).await?;
+        tag(ec2, id, &[(tags::MOVING, "")]).await?;
         tokio::time::sleep(SETTLE).await;
     }
     Ok(v)
@@ -820,19 +818,19 @@ mod tests {
     fn copies_that_never_held_the_state_are_orphans() {
         let claim = "i-1 us-east-1b 2026-11-29T10:00:00Z";
         // The source is superseded by another copy: this one lost.
-        let s = vol("vol-s", &[(TAG_SUPERSEDED_BY, "vol-w")], 1);
-        let w = vol("vol-w", &[(TAG_MOVED_FROM, "vol-s")], 5);
-        let l = vol("vol-l", &[(TAG_MOVED_FROM, "vol-s")], 6);
+        let s = vol("vol-s", &[(tags::SUPERSEDED_BY, "vol-w")], 1);
+        let w = vol("vol-w", &[(tags::MOVED_FROM, "vol-s")], 5);
+        let l = vol("vol-l", &[(tags::MOVED_FROM, "vol-s")], 6);
         let found = [s.clone(), w.clone(), l.clone()];
         assert!(orphan_reason(&w, &found).is_none());
         assert!(orphan_reason(&l, &found)
             .unwrap()
             .contains("continues as vol-w"));
         // The source was taken back (claim cleared or changed): the copy was abandoned.
-        let s = vol("vol-s", &[(TAG_MOVING, "")], 1);
+        let s = vol("vol-s", &[(tags::MOVING, "")], 1);
         let c = vol(
             "vol-c",
-            &[(TAG_MOVED_FROM, "vol-s"), (TAG_MOVE_CLAIM, claim)],
+            &[(tags::MOVED_FROM, "vol-s"), (tags::MOVE_CLAIM, claim)],
             5,
         );
         assert!(orphan_reason(&c, &[s, c.clone()])
@@ -840,19 +838,19 @@ mod tests {
             .contains("abandoned"));
         // A copy without a claim is not trusted either.
         let s = vol("vol-s", &[], 1);
-        let c = vol("vol-c", &[(TAG_MOVED_FROM, "vol-s")], 5);
+        let c = vol("vol-c", &[(tags::MOVED_FROM, "vol-s")], 5);
         assert!(orphan_reason(&c, &[s, c.clone()]).is_some());
         // A move under way (the claims match) is not an orphan: it is resolved with its source.
-        let s = vol("vol-s", &[(TAG_MOVING, claim)], 1);
+        let s = vol("vol-s", &[(tags::MOVING, claim)], 1);
         let c = vol(
             "vol-c",
-            &[(TAG_MOVED_FROM, "vol-s"), (TAG_MOVE_CLAIM, claim)],
+            &[(tags::MOVED_FROM, "vol-s"), (tags::MOVE_CLAIM, claim)],
             5,
         );
         assert!(orphan_reason(&c, &[s, c.clone()]).is_none());
         // The source is gone: the oldest copy continues it, the others lost.
-        let a = vol("vol-a", &[(TAG_MOVED_FROM, "vol-gone")], 5);
-        let b = vol("vol-b", &[(TAG_MOVED_FROM, "vol-gone")], 7);
+        let a = vol("vol-a", &[(tags::MOVED_FROM, "vol-gone")], 5);
+        let b = vol("vol-b", &[(tags::MOVED_FROM, "vol-gone")], 7);
         let found = [a.clone(), b.clone()];
         assert!(orphan_reason(&a, &found).is_none());
         assert!(orphan_reason(&b, &found)
