@@ -20,7 +20,12 @@ pub struct Retry {
     deadline: Duration,
     jitter: bool,
     quiet: bool,
+    /// Says a retry in the caller's words instead of the default line.
+    announce: Option<Announce>,
 }
+
+/// A retry line in the caller's words: (what, the error, the wait, the time left).
+pub type Announce = fn(&str, &dyn std::fmt::Display, Duration, Duration);
 
 /// Why a retried operation ended without success.
 #[derive(Debug)]
@@ -52,6 +57,7 @@ impl Retry {
             deadline: Duration::from_secs(60),
             jitter: false,
             quiet: false,
+            announce: None,
         }
     }
     /// The delay after the first failure; it doubles up to `max_delay`.
@@ -79,12 +85,15 @@ impl Retry {
         self
     }
 
+    /// The line between tries in the caller's words.
+    pub fn announce(mut self, f: Announce) -> Self {
+        self.announce = Some(f);
+        self
+    }
+
     /// The delay before attempt `n + 1` (n counts from 1).
     pub fn delay(&self, n: u32) -> Duration {
-        let base = self
-            .first_delay
-            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-            .min(self.max_delay);
+        let base = doubling(self.first_delay, n, self.max_delay);
         if self.jitter {
             let half = base / 2;
             half + Duration::from_nanos(random_u64() % (half.as_nanos() as u64 + 1))
@@ -99,36 +108,72 @@ impl Retry {
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T, Attempt<E>>>,
     {
-        let start = Instant::now();
-        let mut attempt = 1;
+        let mut tries = self.start();
         loop {
-            match op(attempt).await {
+            match op(tries.attempt).await {
                 Ok(v) => return Ok(v),
                 Err(Attempt::Fail(e)) => return Err(RetryError::Failed(e)),
-                Err(Attempt::Retry(e)) => {
-                    let wait = self.delay(attempt);
-                    let elapsed = start.elapsed();
-                    if elapsed + wait > self.deadline {
-                        return Err(RetryError::TimedOut {
-                            last: e,
-                            after: elapsed,
-                            attempts: attempt,
-                        });
-                    }
-                    if !self.quiet {
-                        crate::log!(
-                            "{}: {e}; retrying in {} (attempt {attempt}, {} left)",
-                            self.what,
-                            crate::console::human(wait),
-                            crate::console::human(self.deadline.saturating_sub(elapsed))
-                        );
-                    }
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
+                Err(Attempt::Retry(e)) => tries.wait_after(e).await?,
             }
         }
     }
+
+    /// The same waits, deadline and lines for a caller that runs the attempts in its own loop
+    /// (an operation that borrows mutably cannot be a closure returning a future).
+    pub fn start(&self) -> Tries<'_> {
+        Tries {
+            retry: self,
+            start: Instant::now(),
+            attempt: 1,
+        }
+    }
+}
+
+/// Attempts under way, for [`Retry::start`].
+pub struct Tries<'a> {
+    retry: &'a Retry,
+    start: Instant,
+    attempt: u32,
+}
+
+impl Tries<'_> {
+    /// After a failed attempt worth another: says so and waits, or gives the error back when
+    /// the wait would pass the deadline.
+    pub async fn wait_after<E: std::fmt::Display>(&mut self, e: E) -> Result<(), RetryError<E>> {
+        let r = self.retry;
+        let wait = r.delay(self.attempt);
+        let elapsed = self.start.elapsed();
+        if elapsed + wait > r.deadline {
+            return Err(RetryError::TimedOut {
+                last: e,
+                after: elapsed,
+                attempts: self.attempt,
+            });
+        }
+        let left = r.deadline.saturating_sub(elapsed);
+        match r.announce {
+            Some(say) => say(&r.what, &e, wait, left),
+            None if !r.quiet => crate::log!(
+                "{}: {e}; retrying in {} (attempt {}, {} left)",
+                r.what,
+                crate::console::human(wait),
+                self.attempt,
+                crate::console::human(left)
+            ),
+            None => {}
+        }
+        tokio::time::sleep(wait).await;
+        self.attempt += 1;
+        Ok(())
+    }
+}
+
+/// `first`, doubled for each attempt after the first, capped at `max`: the delay before
+/// attempt `n + 1`.
+pub fn doubling(first: Duration, n: u32, max: Duration) -> Duration {
+    first
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(max)
 }
 
 /// Cheap randomness for jitter, without another crate: the kernel's getrandom.

@@ -78,9 +78,7 @@ impl Default for Backoff {
 impl Backoff {
     /// The delay before restart number `n` (1-based) of a service that ran for `ran`.
     fn delay(&self, n: u32) -> Duration {
-        self.first
-            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-            .min(self.max)
+        crate::retry::doubling(self.first, n, self.max)
     }
 }
 

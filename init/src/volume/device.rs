@@ -298,19 +298,6 @@ impl DeviceWatcher {
             }
         }
     }
-
-    /// Waits until a disk is gone (after a detach).
-    pub async fn wait_gone(&self, name: &str, deadline: Duration) -> bool {
-        let start = tokio::time::Instant::now();
-        while start.elapsed() < deadline {
-            if !self.sys_block.join(name).exists() {
-                self.lock().disks.remove(name);
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
 }
 
 mod netlink {
