@@ -4,7 +4,8 @@
 //! dockerd. Its memory once Docker is up is measured in the VM (the `ready` console line
 //! carries VmRSS; the simulator's benchmark prints it).
 
-use spotinit::boot::{boot, BootState, Machine, Mode};
+use spotinit::boot::boot;
+use spotinit::machine::{BootState, Machine, Mode};
 use spotinit::sys::Paths;
 use spotinit::testkit::{world, Script};
 use std::sync::{Arc, Mutex};

@@ -3,106 +3,19 @@
 //! that interrupts the boot (a spot notice, the power button) undoes exactly that.
 
 use crate::cloud::{CloudError, Identity, Metadata};
+use crate::machine::{BootState, Machine, Mode, Platform, Request};
 use crate::config::{Config, ConfigError, VolumeMode, IMAGE_CONFIG};
 use crate::console::{human, uptime};
 use crate::retry::Retry;
-use crate::services::{self, docker, Supervisor};
-use crate::shutdown::Request;
+use crate::services::{self, docker};
 use crate::sys::{Paths, System};
 use crate::volume::{self, Mounted, VolumeError, VolumePhase};
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// Where spotinit runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// PID 1 of our image: everything from the early mounts to power-off.
-    Pid1,
-    /// A service under another init (Ubuntu, Amazon Linux): configuration, volume and, if
-    /// enabled, Docker; no mounts of its own, no network, no power-off.
-    Service,
-}
-
-/// What every phase shares.
-pub struct Machine<S: System> {
-    pub sys: Arc<S>,
-    pub paths: Paths,
-    pub mode: Mode,
-    pub supervisor: Supervisor,
-    /// Shutdown requests (signals, power button, spot notice) go here.
-    pub requests: mpsc::UnboundedSender<Request>,
-    /// Mounts made by the early phase, undone in reverse at shutdown.
-    pub early_mounts: Mutex<Vec<PathBuf>>,
-}
-
-impl<S: System> Machine<S> {
-    pub fn new(sys: Arc<S>, paths: Paths, mode: Mode) -> (Self, mpsc::UnboundedReceiver<Request>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let supervisor = Supervisor::start(sys.clone());
-        (
-            Machine {
-                sys,
-                paths,
-                mode,
-                supervisor,
-                requests: tx,
-                early_mounts: Mutex::new(Vec::new()),
-            },
-            rx,
-        )
-    }
-}
-
-/// The cloud side of the boot: production talks to IMDS and EC2; tests plug in fakes.
-pub trait Platform {
-    type Meta: Metadata + Clone;
-    type Volume: VolumePhase;
-    fn metadata(&self, endpoint: Option<&str>) -> Result<Self::Meta, CloudError>;
-    fn volume(
-        &self,
-        cfg: &Config,
-        identity: &Identity,
-        meta: &Self::Meta,
-    ) -> Result<Self::Volume, String>;
-    /// Starts watching for spot notices (and other instance events) once IMDS is known.
-    fn watch(&self, cfg: &Config, meta: &Self::Meta, requests: mpsc::UnboundedSender<Request>);
-    /// Starts what needs the state volume: its snapshots.
-    fn volume_ready(&self, cfg: &Config, identity: &Identity, meta: &Self::Meta, volume_id: &str);
-}
-
-/// What the boot got done, for the shutdown.
-pub struct BootState<P: Platform> {
-    pub config: Option<Config>,
-    pub identity: Option<Identity>,
-    pub metadata: Option<P::Meta>,
-    pub volume: Option<P::Volume>,
-    pub mounted: Option<Mounted>,
-    pub docker_started: bool,
-    pub ready: bool,
-    /// The background task making Docker's containers match `[[containers]]`; the drain stops
-    /// it first, so nothing is pulled, created or started into a shutdown.
-    pub declared_containers: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl<P: Platform> Default for BootState<P> {
-    fn default() -> Self {
-        BootState {
-            config: None,
-            identity: None,
-            metadata: None,
-            volume: None,
-            mounted: None,
-            docker_started: false,
-            ready: false,
-            declared_containers: None,
-        }
-    }
-}
 
 /// Why the boot stopped before Docker.
 #[derive(Debug)]
@@ -175,90 +88,205 @@ impl From<BootError> for PhaseFailure {
     }
 }
 
-/// The boot sequence.
+/// The boot, as the list of its phases; each is a function below, in this order. The ones only
+/// PID 1 runs (its own mounts, network, clock, SSH) are skipped as a service under another
+/// init. Any phase may fail the boot, and then Docker is not started.
 pub async fn boot<S: System, P: Platform>(
     m: &Machine<S>,
     platform: &P,
     st: &mut BootState<P>,
 ) -> Result<(), BootError> {
-    let sys = &*m.sys;
-    let paths = &m.paths;
     let pid1 = m.mode == Mode::Pid1;
     let started = Instant::now();
-    crate::log!("{}", crate::host::version_line(paths));
+    announce(m);
+    if pid1 {
+        early_mounts(m).await?;
+    }
+    let early = EarlyConfig::read(&m.paths)?;
+    let mut background = Background::default();
+    if pid1 {
+        background = bring_up_the_host(m, &early.config).await?;
+    }
+    let (config, identity, meta) = configure(platform, &early).await?;
+    if pid1 {
+        name_the_host(m, &config, &identity, &meta).await;
+    }
+    let events = platform.watch(&config, &meta, m.requests.clone());
+    background.imds_rules = start_the_imds_firewall(m, &config, &early.config);
+    if pid1 {
+        set_the_clock(m, &config).await?;
+    }
+    st.identity = Some(identity.clone());
+    st.metadata = Some(meta.clone());
+    st.config = Some(config.clone());
+    take_the_volume(platform, st, &config, &identity, &meta, events).await?;
+    // Before a pivot into a persisted root changes what /usr/sbin/iptables is.
+    let imds_rules = background.imds_rules_in().await;
+    if pid1 {
+        let on_volume = config.volume.mode != VolumeMode::None;
+        start_ssh(m, &config, &meta, on_volume).await;
+    }
+    if config.volume.mode == VolumeMode::PersistedRoot {
+        enter_the_persisted_root(m, &config).await?;
+    }
+    if config.docker.enabled {
+        start_docker(m, st, &config, background, imds_rules).await?;
+    } else {
+        crate::log!("docker: docker.enabled = false; not starting containerd and dockerd");
+    }
+    announce_ready(m, st, &config, started);
+    Ok(())
+}
+
+/// The version, and how spotinit runs.
+fn announce<S: System>(m: &Machine<S>) {
+    crate::log!("{}", crate::host::version_line(&m.paths));
     crate::log!(
         "starting as {} at {} since power-on",
-        if pid1 { "PID 1" } else { "a service" },
+        if m.mode == Mode::Pid1 {
+            "PID 1"
+        } else {
+            "a service"
+        },
         human(uptime())
     );
+}
 
-    if pid1 {
-        let made = phase("early mounts", async {
-            crate::host::early_mounts(sys, paths)
+/// PID 1: /proc, /sys, /dev, the tmpfs the read-only root needs; undone in reverse at shutdown.
+async fn early_mounts<S: System>(m: &Machine<S>) -> Result<(), BootError> {
+    let made = phase("early mounts", async {
+        crate::host::early_mounts(&*m.sys, &m.paths)
+    })
+    .await?;
+    m.early_mounts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(made);
+    if let Some(note) = crate::host::hypervisor_note(&m.paths) {
+        crate::log!("{note}");
+    }
+    Ok(())
+}
+
+/// The configuration before the network: the kernel command line and the image's file say
+/// where IMDS is and how to bring the network up. User data joins them in [`configure`].
+struct EarlyConfig {
+    cmdline: String,
+    image_file: Option<String>,
+    config: Config,
+}
+
+impl EarlyConfig {
+    fn read(paths: &Paths) -> Result<EarlyConfig, BootError> {
+        let cmdline = std::fs::read_to_string(paths.p("/proc/cmdline")).unwrap_or_default();
+        let image_file = std::fs::read_to_string(paths.p(IMAGE_CONFIG)).ok();
+        let config =
+            Config::load(&cmdline, None, image_file.as_deref()).map_err(BootError::Config)?;
+        Ok(EarlyConfig {
+            cmdline,
+            image_file,
+            config,
         })
-        .await?;
-        m.early_mounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(made);
-        if let Some(note) = crate::host::hypervisor_note(paths) {
-            crate::log!("{note}");
+    }
+}
+
+/// What runs in the background while the boot goes on; Docker waits for all of it.
+#[derive(Default)]
+struct Background {
+    /// Docker's kernel modules.
+    docker_modules: Option<crate::host::DockerModules>,
+    /// The other device drivers, then the power button.
+    coldplug: Option<tokio::task::JoinHandle<()>>,
+    /// The firewall rules that keep containers away from IMDS.
+    imds_rules: Option<tokio::task::JoinHandle<Result<String, String>>>,
+}
+
+impl Background {
+    /// The firewall rules' outcome, once they are in (None: not asked for).
+    async fn imds_rules_in(&mut self) -> Option<Result<String, String>> {
+        match self.imds_rules.take() {
+            Some(task) => Some(
+                task.await
+                    .unwrap_or_else(|e| Err(format!("the task installing them ended: {e}"))),
+            ),
+            None => None,
         }
     }
 
-    // The command line and the image's file first: they say where IMDS is and how to
-    // bring the network up. User data joins them in the configuration phase.
-    let cmdline = std::fs::read_to_string(paths.p("/proc/cmdline")).unwrap_or_default();
-    let image_file = std::fs::read_to_string(paths.p(IMAGE_CONFIG)).ok();
-    let early = Config::load(&cmdline, None, image_file.as_deref()).map_err(BootError::Config)?;
+    /// The drivers and Docker's modules, loaded.
+    async fn drivers_loaded(self) {
+        if let Some(drivers) = self.coldplug {
+            if let Err(e) = drivers.await {
+                crate::log!("modules: the device drivers' task ended: {e}");
+            }
+        }
+        if let Some(modules) = self.docker_modules {
+            crate::log!("modules: {}", modules.wait().await);
+        }
+    }
+}
 
-    // Docker's kernel modules and the other device drivers, loading in the background from
-    // the network driver on; both are waited for before Docker starts.
-    let mut docker_modules = None;
-    let mut coldplug = None;
-    if pid1 {
-        phase("hostname and loopback", async {
-            sys.set_hostname(early.hostname.as_deref().unwrap_or("spotinit"))
-                .map_err(|e| e.to_string())?;
-            sys.interface_up("lo").map_err(|e| e.to_string())
-        })
-        .await?;
-        // The NIC's driver first: DHCP starts while the other drivers and Docker's modules load.
-        let (nic, tried) = phase(
-            "network driver",
-            crate::host::load_network_drivers(sys, paths),
-        )
-        .await?;
-        crate::log!("modules: {nic}; the other drivers and Docker's modules load meanwhile");
-        docker_modules = Some(crate::host::DockerModules::start(sys));
-        coldplug = Some(tokio::spawn(other_drivers_then_power_button(
+/// PID 1: hostname and loopback, the NIC's driver first so that DHCP starts while the other
+/// drivers and Docker's modules load in the background, then the network.
+async fn bring_up_the_host<S: System>(
+    m: &Machine<S>,
+    early: &Config,
+) -> Result<Background, BootError> {
+    let (sys, paths) = (&*m.sys, &m.paths);
+    phase("hostname and loopback", async {
+        sys.set_hostname(early.hostname.as_deref().unwrap_or("spotinit"))
+            .map_err(|e| e.to_string())?;
+        sys.interface_up("lo").map_err(|e| e.to_string())
+    })
+    .await?;
+    let (nic, tried) = phase(
+        "network driver",
+        crate::host::load_network_drivers(sys, paths),
+    )
+    .await?;
+    crate::log!("modules: {nic}; the other drivers and Docker's modules load meanwhile");
+    let background = Background {
+        docker_modules: Some(crate::host::DockerModules::start(sys)),
+        coldplug: Some(tokio::spawn(other_drivers_then_power_button(
             m.sys.clone(),
             paths.clone(),
             tried,
             m.requests.clone(),
-        )));
-        let net = phase(
-            "network",
-            crate::host::network(
-                sys,
-                paths,
-                &m.supervisor,
-                early.network.interface.as_deref(),
-                Duration::from_secs(early.network.dhcp_timeout_secs),
-            ),
-        )
-        .await?;
-        crate::log!("network: {net}");
-    }
+        ))),
+        imds_rules: None,
+    };
+    let net = phase(
+        "network",
+        crate::host::network(
+            sys,
+            paths,
+            &m.supervisor,
+            early.network.interface.as_deref(),
+            Duration::from_secs(early.network.dhcp_timeout_secs),
+        ),
+    )
+    .await?;
+    crate::log!("network: {net}");
+    Ok(background)
+}
 
+/// IMDS: the instance's identity and its user data, which completes the configuration.
+async fn configure<P: Platform>(
+    platform: &P,
+    early: &EarlyConfig,
+) -> Result<(Config, Identity, P::Meta), BootError> {
     let (config, identity, meta) = phase("configuration", async {
         let meta = platform
-            .metadata(early.imds_endpoint.as_deref())
+            .metadata(early.config.imds_endpoint.as_deref())
             .map_err(|e| e.to_string())?;
         let identity = imds_retry("instance identity", || meta.identity()).await?;
         let user_data = imds_retry("user data", || meta.user_data()).await?;
-        let config = Config::load(&cmdline, user_data.as_deref(), image_file.as_deref())
-            .map_err(BootError::Config)?;
+        let config = Config::load(
+            &early.cmdline,
+            user_data.as_deref(),
+            early.image_file.as_deref(),
+        )
+        .map_err(BootError::Config)?;
         Ok::<_, PhaseFailure>((config, identity, meta))
     })
     .await?;
@@ -269,179 +297,209 @@ pub async fn boot<S: System, P: Platform>(
         identity.zone,
         config.summary()
     );
-    if pid1 {
-        let hostname = match &config.hostname {
-            Some(h) => h.clone(),
-            None => meta
-                .local_hostname()
-                .await
-                .ok()
-                .flatten()
-                .and_then(|h| h.split('.').next().map(str::to_string))
-                .filter(|h| crate::config::is_hostname(h))
-                .unwrap_or_else(|| identity.instance_id.clone()),
-        };
-        if let Err(e) = sys.set_hostname(&hostname) {
-            crate::log!("hostname {hostname}: {e}");
-        }
+    Ok((config, identity, meta))
+}
+
+/// PID 1: the configured hostname, else IMDS's local hostname, else the instance id.
+async fn name_the_host<S: System, M: Metadata>(
+    m: &Machine<S>,
+    config: &Config,
+    identity: &Identity,
+    meta: &M,
+) {
+    let hostname = match &config.hostname {
+        Some(h) => h.clone(),
+        None => meta
+            .local_hostname()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|h| h.split('.').next().map(str::to_string))
+            .filter(|h| crate::config::is_hostname(h))
+            .unwrap_or_else(|| identity.instance_id.clone()),
+    };
+    if let Err(e) = m.sys.set_hostname(&hostname) {
+        crate::log!("hostname {hostname}: {e}");
     }
-    platform.watch(&config, &meta, m.requests.clone());
-    // The firewall that keeps containers away from IMDS goes in while the clock and the volume
-    // phases run; dockerd starts only once it is in (or the boot fails, below).
-    let imds_rules = (pid1 && config.docker.enabled && config.docker.block_imds).then(|| {
+}
+
+/// PID 1: the firewall that keeps containers away from IMDS goes in while the clock and the
+/// volume phases run; dockerd starts only once it is in (or the boot fails).
+fn start_the_imds_firewall<S: System>(
+    m: &Machine<S>,
+    config: &Config,
+    early: &Config,
+) -> Option<tokio::task::JoinHandle<Result<String, String>>> {
+    let wanted = m.mode == Mode::Pid1 && config.docker.enabled && config.docker.block_imds;
+    wanted.then(|| {
         let ipv6 = config.docker.daemon.get("ipv6") == Some(&toml::Value::Boolean(true));
         let (sys, endpoint) = (m.sys.clone(), early.imds_endpoint.clone());
         tokio::spawn(async move { docker::block_imds(&*sys, endpoint.as_deref(), ipv6).await })
-    });
-    if pid1 {
-        // Before the first signed EC2 call: SigV4 fails on a clock 5 minutes off.
-        let clock = phase(
-            "clock",
-            services::clock::sync(sys, paths, &m.supervisor, &config.time),
-        )
-        .await?;
-        crate::log!("clock: {clock}");
-    }
-    st.identity = Some(identity.clone());
-    st.metadata = Some(meta.clone());
-    st.config = Some(config.clone());
+    })
+}
 
-    match config.volume.mode {
-        VolumeMode::None => crate::log!(
+/// PID 1, before the first signed EC2 call: SigV4 fails on a clock 5 minutes off.
+async fn set_the_clock<S: System>(m: &Machine<S>, config: &Config) -> Result<(), BootError> {
+    let clock = phase(
+        "clock",
+        services::clock::sync(&*m.sys, &m.paths, &m.supervisor, &config.time),
+    )
+    .await?;
+    crate::log!("clock: {clock}");
+    Ok(())
+}
+
+/// The state volume: found, attached exclusively, checked and mounted; then its upkeep
+/// (snapshots, the Elastic IP) starts. Nothing with `volume.mode = none`.
+async fn take_the_volume<P: Platform>(
+    platform: &P,
+    st: &mut BootState<P>,
+    config: &Config,
+    identity: &Identity,
+    meta: &P::Meta,
+    events: P::Events,
+) -> Result<(), BootError> {
+    if config.volume.mode == VolumeMode::None {
+        crate::log!(
             "volume: volume.mode = none: Docker's state is on tmpfs and is LOST with this instance"
-        ),
-        VolumeMode::Docker | VolumeMode::PersistedRoot => {
-            if st.volume.is_none() {
-                st.volume = Some(platform.volume(&config, &identity, &meta).map_err(
-                    |message| BootError::Phase {
-                        phase: "volume",
-                        message,
-                    },
-                )?);
+        );
+        return Ok(());
+    }
+    if st.volume.is_none() {
+        st.volume = Some(platform.volume(config, identity, meta).map_err(|message| {
+            BootError::Phase {
+                phase: "volume",
+                message,
             }
-            let vol = st.volume.as_mut().expect("set above");
-            let mounted = phase("volume", acquire_with_retries(vol, &config)).await?;
-            platform.volume_ready(&config, &identity, &meta, &mounted.volume_id);
-            st.mounted = Some(mounted);
-        }
+        })?);
     }
-    // Before a pivot into a persisted root changes what /usr/sbin/iptables is.
-    let imds_rules = match imds_rules {
-        Some(task) => Some(
-            task.await
-                .unwrap_or_else(|e| Err(format!("the task installing them ended: {e}"))),
-        ),
-        None => None,
-    };
-    if pid1 {
-        let on_volume = config.volume.mode != VolumeMode::None;
-        start_ssh(m, &config, &meta, on_volume).await;
-    }
-    if config.volume.mode == VolumeMode::PersistedRoot {
-        phase("persisted root", async {
-            volume::pivot::into(sys, paths, &paths.p(volume::layout::VOLUME_MOUNT))
-                .map_err(|e| e.to_string())
-        })
-        .await?;
-        crate::log!("persisted root: / is now rootfs/ of the state volume");
-        if let Some(init) = &config.volume.root_init {
-            crate::log!("persisted root: handing PID 1 over to its own init, {init}");
-            if let Err(e) = sys.exec(std::path::Path::new(init), &[]) {
-                return Err(BootError::Phase {
-                    phase: "persisted root",
-                    message: format!("cannot start {init} (volume.root_init): {e}"),
-                });
-            }
-        }
-    }
+    let vol = st.volume.as_mut().expect("set above");
+    let mounted = phase("volume", acquire_with_retries(vol, config)).await?;
+    platform.start_volume_upkeep(config, identity, meta, &mounted.volume_id, events);
+    st.mounted = Some(mounted);
+    Ok(())
+}
 
-    if !config.docker.enabled {
-        crate::log!("docker: docker.enabled = false; not starting containerd and dockerd");
-    } else {
-        // The golden rule, in one place: Docker starts only on the state volume it just
-        // verified (or on tmpfs when the user chose volume.mode = none).
-        if let Some(mounted) = &st.mounted {
-            let verify = if config.volume.mode == VolumeMode::PersistedRoot {
-                volume::verify_persisted_root
-            } else {
-                volume::verify_docker_state
-            };
-            verify(paths, mounted, &config.docker.storage_driver).map_err(|message| {
-                BootError::Phase {
-                    phase: "docker state check",
-                    message: format!(
-                        "{message}; refusing to start Docker on anything but the state volume"
-                    ),
-                }
-            })?;
+/// `volume.mode = "persisted-root"`: / becomes the state volume's root, and PID 1 may go to its
+/// own init.
+async fn enter_the_persisted_root<S: System>(
+    m: &Machine<S>,
+    config: &Config,
+) -> Result<(), BootError> {
+    let (sys, paths) = (&*m.sys, &m.paths);
+    phase("persisted root", async {
+        volume::pivot::into(sys, paths, &paths.p(volume::layout::VOLUME_MOUNT))
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    crate::log!("persisted root: / is now rootfs/ of the state volume");
+    if let Some(init) = &config.volume.root_init {
+        crate::log!("persisted root: handing PID 1 over to its own init, {init}");
+        if let Err(e) = sys.exec(std::path::Path::new(init), &[]) {
+            return Err(BootError::Phase {
+                phase: "persisted root",
+                message: format!("cannot start {init} (volume.root_init): {e}"),
+            });
         }
-        if let Some(drivers) = coldplug.take() {
-            if let Err(e) = drivers.await {
-                crate::log!("modules: the device drivers' task ended: {e}");
-            }
-        }
-        if let Some(modules) = docker_modules.take() {
-            crate::log!("modules: {}", modules.wait().await);
-        }
-        st.docker_started = true;
-        // containerd and dockerd start together: dockerd dials containerd's socket itself
-        // (for up to a minute), so their start-ups overlap instead of adding up. Both
-        // readiness checks stay: a containerd that never answers is named as such.
-        let containerd_started = Instant::now();
-        phase("containerd", async {
-            m.supervisor.launch(docker::containerd(paths)).await?;
-            Ok::<_, String>(())
-        })
-        .await?;
-        phase("dockerd", async {
-            let tls = docker::tls_files(paths, &config.docker)?;
-            if docker::write_registry_cas(paths, &config.docker)? > 0 {
-                let registries: Vec<&str> =
-                    config.docker.registry_cas.keys().map(String::as_str).collect();
-                crate::log!(
-                    "docker: registries with their own CA (docker.registry_cas): {}",
-                    registries.join(", ")
-                );
-            }
-            docker::write_daemon_json(paths, &config.docker, tls.as_ref())
-                .map_err(|e| e.to_string())?;
-            for host in docker::tcp_hosts(&config.docker) {
-                if tls.is_some() {
-                    crate::log!("docker: the Engine API listens on tcp://{host} with TLS; clients need a certificate of the configured CA");
-                } else {
-                    crate::log!("docker: WARNING: the Engine API listens on tcp://{host} WITHOUT TLS (docker.insecure_plain_tcp_api): anyone who reaches that port is root on this host");
-                }
-            }
-            // Before dockerd, which starts the containers: they never run without the rules.
-            match &imds_rules {
-                Some(Ok(r)) => crate::log!(
-                    "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
-                ),
-                Some(Err(e)) => return Err(format!(
-                    "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
-                )),
-                None => {}
-            }
-            m.supervisor
-                .launch(docker::dockerd(paths, &config.docker))
-                .await?;
-            let within = Duration::from_secs(config.docker.start_timeout_secs);
-            let docker_socket = paths.p(docker::DOCKER_SOCKET);
-            let containerd = async {
-                docker::wait_for_socket(&paths.p(docker::CONTAINERD_SOCKET), within)
-                    .await
-                    .map_err(|e| format!("containerd: {e}"))?;
-                Ok::<_, String>(containerd_started.elapsed())
-            };
-            let (containerd, _) = tokio::try_join!(
-                containerd,
-                docker::wait_for_ping(&docker_socket, within),
-            )?;
-            crate::log!("containerd: answering {} after its start", human(containerd));
-            Ok(())
-        })
-        .await?;
     }
+    Ok(())
+}
+
+/// The golden rule, in one place: Docker starts only on the state volume it just verified (or
+/// on tmpfs when the user chose `volume.mode = none`), with its modules loaded and the IMDS
+/// firewall in. containerd and dockerd start together: dockerd dials containerd's socket
+/// itself (for up to a minute), so their start-ups overlap instead of adding up. Both
+/// readiness checks stay: a containerd that never answers is named as such.
+async fn start_docker<S: System, P: Platform>(
+    m: &Machine<S>,
+    st: &mut BootState<P>,
+    config: &Config,
+    background: Background,
+    imds_rules: Option<Result<String, String>>,
+) -> Result<(), BootError> {
+    let paths = &m.paths;
+    if let Some(mounted) = &st.mounted {
+        let verify = if config.volume.mode == VolumeMode::PersistedRoot {
+            volume::verify_persisted_root
+        } else {
+            volume::verify_docker_state
+        };
+        verify(paths, mounted, &config.docker.storage_driver).map_err(|message| {
+            BootError::Phase {
+                phase: "docker state check",
+                message: format!(
+                    "{message}; refusing to start Docker on anything but the state volume"
+                ),
+            }
+        })?;
+    }
+    background.drivers_loaded().await;
+    st.docker_started = true;
+    let containerd_started = Instant::now();
+    phase("containerd", async {
+        m.supervisor.launch(docker::containerd(paths)).await?;
+        Ok::<_, String>(())
+    })
+    .await?;
+    phase("dockerd", async {
+        let tls = docker::tls_files(paths, &config.docker)?;
+        if docker::write_registry_cas(paths, &config.docker)? > 0 {
+            let registries: Vec<&str> =
+                config.docker.registry_cas.keys().map(String::as_str).collect();
+            crate::log!(
+                "docker: registries with their own CA (docker.registry_cas): {}",
+                registries.join(", ")
+            );
+        }
+        docker::write_daemon_json(paths, &config.docker, tls.as_ref())
+            .map_err(|e| e.to_string())?;
+        for host in docker::tcp_hosts(&config.docker) {
+            if tls.is_some() {
+                crate::log!("docker: the Engine API listens on tcp://{host} with TLS; clients need a certificate of the configured CA");
+            } else {
+                crate::log!("docker: WARNING: the Engine API listens on tcp://{host} WITHOUT TLS (docker.insecure_plain_tcp_api): anyone who reaches that port is root on this host");
+            }
+        }
+        // Before dockerd, which starts the containers: they never run without the rules.
+        match &imds_rules {
+            Some(Ok(r)) => crate::log!(
+                "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
+            ),
+            Some(Err(e)) => return Err(format!(
+                "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
+            )),
+            None => {}
+        }
+        m.supervisor
+            .launch(docker::dockerd(paths, &config.docker))
+            .await?;
+        let within = Duration::from_secs(config.docker.start_timeout_secs);
+        let docker_socket = paths.p(docker::DOCKER_SOCKET);
+        let containerd = async {
+            docker::wait_for_socket(&paths.p(docker::CONTAINERD_SOCKET), within)
+                .await
+                .map_err(|e| format!("containerd: {e}"))?;
+            Ok::<_, String>(containerd_started.elapsed())
+        };
+        let (containerd, _) = tokio::try_join!(
+            containerd,
+            docker::wait_for_ping(&docker_socket, within),
+        )?;
+        crate::log!("containerd: answering {} after its start", human(containerd));
+        Ok(())
+    })
+    .await
+}
+
+/// The `ready` line with spotinit's own figures, what listens, and the declared containers
+/// (made to match in the background: `ready` waits for none of it).
+fn announce_ready<S: System, P: Platform>(
+    m: &Machine<S>,
+    st: &mut BootState<P>,
+    config: &Config,
+    started: Instant,
+) {
+    let paths = &m.paths;
     st.ready = true;
     crate::log!(
         "ready in {} since power-on (spotinit's part {}, its CPU time {}, its memory {})",
@@ -452,9 +510,8 @@ pub async fn boot<S: System, P: Platform>(
     );
     crate::log!("listening: {}", crate::listening::summary(paths));
     if config.docker.enabled && !config.containers.is_empty() {
-        st.declared_containers = Some(start_declared_containers(paths, &config));
+        st.declared_containers = Some(start_declared_containers(paths, config));
     }
-    Ok(())
 }
 
 /// `[[containers]]`: made to match the declaration in the background, after `ready` (Docker is
@@ -605,20 +662,26 @@ async fn acquire_with_retries<V: VolumePhase>(
     config: &Config,
 ) -> Result<Mounted, BootError> {
     let interval = Duration::from_secs(config.failure.retry_interval_secs);
-    let retry_for = Duration::from_secs(config.failure.retry_for_secs);
-    let start = Instant::now();
+    let retry = Retry::new("volume")
+        .every(interval)
+        .max_delay(interval)
+        .for_at_most(Duration::from_secs(config.failure.retry_for_secs))
+        .announce(|_, e, wait, left| {
+            crate::log!("volume: {e}");
+            crate::log!(
+                "volume: trying again in {} ({} left of failure.retry_for_secs); Docker stays stopped meanwhile",
+                human(wait),
+                human(left)
+            );
+        });
+    let mut tries = retry.start();
     loop {
         match vol.acquire().await {
             Ok(m) => return Ok(m),
-            Err(e) if e.retryable() && start.elapsed() + interval <= retry_for => {
-                crate::log!("volume: {e}");
-                crate::log!(
-                    "volume: trying again in {} ({} left of failure.retry_for_secs); Docker stays stopped meanwhile",
-                    human(interval),
-                    human(retry_for.saturating_sub(start.elapsed()))
-                );
-                tokio::time::sleep(interval).await;
-            }
+            Err(e) if e.retryable() => tries
+                .wait_after(e)
+                .await
+                .map_err(|e| BootError::Volume(e.into_inner()))?,
             Err(e) => return Err(BootError::Volume(e)),
         }
     }

@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::run::serve;
-use crate::shutdown::{drain, Then};
+use crate::machine::{BootState, Machine, Mode, Request, Then};
+use crate::shutdown::drain;
 use crate::testkit::{world, Script};
 use std::sync::atomic::Ordering;
 

@@ -12,6 +12,7 @@ pub mod critical;
 pub mod host;
 pub mod lifecycle;
 pub mod listening;
+pub mod machine;
 pub mod power;
 pub mod retry;
 pub mod run;
@@ -20,3 +21,6 @@ pub mod shutdown;
 pub mod sys;
 pub mod testkit;
 pub mod volume;
+
+#[cfg(test)]
+mod module_graph_tests;

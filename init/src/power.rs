@@ -2,7 +2,7 @@
 //! (busybox `poweroff`), and the ACPI power button, which EC2 presses on stop and terminate.
 //! The button is read from its input event device: no acpid.
 
-use crate::shutdown::{Request, Then};
+use crate::machine::{Request, Then};
 use crate::sys::Paths;
 use std::io::Read;
 use std::path::{Path, PathBuf};

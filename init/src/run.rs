@@ -2,7 +2,8 @@
 //! production [`Platform`] (IMDS + EC2 + EBS). Both runners: boot (interruptible by any shutdown
 //! request), then wait for a request, then the one drain, then what the request says.
 
-use crate::boot::{boot, BootError, BootState, Machine, Mode, Platform};
+use crate::boot::{boot, BootError};
+use crate::machine::{BootState, Machine, Mode, Platform, Request, Then};
 #[cfg(feature = "aws")]
 use crate::cloud::ec2::{endpoint, Ec2Client};
 #[cfg(feature = "aws")]
@@ -10,7 +11,7 @@ use crate::cloud::imds::Imds;
 #[cfg(feature = "aws")]
 use crate::cloud::{CloudError, Identity};
 use crate::config::{Config, FailureAction};
-use crate::shutdown::{drain, Request, Then};
+use crate::shutdown::drain;
 #[cfg(not(feature = "aws"))]
 use crate::sys::System;
 #[cfg(feature = "aws")]
@@ -30,8 +31,6 @@ pub struct Aws<S: System> {
     pub paths: Paths,
     /// One EC2 client for the volume phase and the lifecycle.
     ec2: std::sync::Mutex<Option<Arc<Ec2Client>>>,
-    /// Instance events from the watcher, for the lifecycle once the volume is known.
-    events: std::sync::Mutex<Option<mpsc::UnboundedReceiver<crate::lifecycle::Event>>>,
 }
 
 #[cfg(feature = "aws")]
@@ -41,7 +40,6 @@ impl<S: System> Aws<S> {
             sys,
             paths,
             ec2: std::sync::Mutex::new(None),
-            events: std::sync::Mutex::new(None),
         }
     }
 
@@ -84,13 +82,27 @@ impl<S: System> Platform for Aws<S> {
         ))
     }
 
-    fn watch(&self, cfg: &Config, meta: &Imds, requests: mpsc::UnboundedSender<Request>) {
+    type Events = mpsc::UnboundedReceiver<crate::lifecycle::Event>;
+
+    fn watch(
+        &self,
+        cfg: &Config,
+        meta: &Imds,
+        requests: mpsc::UnboundedSender<Request>,
+    ) -> Self::Events {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
         crate::lifecycle::watch(meta.clone(), cfg, requests, tx);
+        rx
     }
 
-    fn volume_ready(&self, cfg: &Config, me: &Identity, meta: &Imds, volume_id: &str) {
+    fn start_volume_upkeep(
+        &self,
+        cfg: &Config,
+        me: &Identity,
+        meta: &Imds,
+        volume_id: &str,
+        events: Self::Events,
+    ) {
         let ec2 = self.ec2(cfg, me, meta);
         if let Some(alloc) = cfg.address.elastic_ip_allocation_id.clone() {
             let (ec2, me) = (ec2.clone(), me.clone());
@@ -98,12 +110,6 @@ impl<S: System> Platform for Aws<S> {
                 crate::lifecycle::associate_address(&*ec2, &alloc, &me).await;
             });
         }
-        let events = self
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         let snapshots = crate::lifecycle::Snapshots {
             ec2,
             volume_id: volume_id.to_string(),

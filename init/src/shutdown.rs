@@ -3,46 +3,66 @@
 //! process, sync, give the volume back (unmount, detach), undo the early mounts. Each step is
 //! logged with its duration and, against a deadline, the time left.
 
-use crate::boot::{BootState, Machine, Mode, Platform};
+use crate::machine::{BootState, Machine, Mode, Platform, Request, RESERVE};
 use crate::console::human;
+use crate::services::docker;
 use crate::sys::{Signal, System};
 use crate::volume::VolumePhase;
+use std::path::Path;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// What follows the drain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Then {
-    PowerOff,
-    Reboot,
-    /// Wait for EC2 to take the instance (spot: never power off early on our own).
-    Wait,
-    /// Stay up without Docker (debugging after a failed boot).
-    Stay,
-    /// Exit the process (service mode).
-    Exit,
-}
-
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub reason: String,
-    pub then: Then,
-    /// When EC2 will take the instance, if it said.
-    pub deadline: Option<Instant>,
-}
-
-impl Request {
-    pub fn new(reason: impl Into<String>, then: Then) -> Self {
-        Request {
-            reason: reason.into(),
-            then,
-            deadline: None,
+/// Stops every running container of the Engine API at `socket` with a timeout that fits before
+/// the deadline (less [`RESERVE`]) and within `stop_timeout`, all at once. Returns how many were
+/// running.
+pub async fn stop_containers_before(
+    socket: &Path,
+    stop_timeout: Duration,
+    deadline: Instant,
+) -> usize {
+    let socket = socket.to_path_buf();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let budget = left
+        .saturating_sub(RESERVE)
+        .min(stop_timeout)
+        .max(Duration::from_secs(1));
+    let ids = match docker::running_containers(&socket).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            crate::log!("shutdown: cannot list containers: {e}");
+            return 0;
+        }
+    };
+    crate::log!(
+        "shutdown: stopping {} with a {} stop timeout ({} left)",
+        crate::console::count(ids.len(), "container"),
+        human(budget),
+        human(left)
+    );
+    let handles: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (socket, id) = (socket.clone(), id.clone());
+            tokio::spawn(async move {
+                let path = format!("/containers/{id}/stop?t={}", budget.as_secs());
+                docker::request(&socket, "POST", &path, budget + Duration::from_secs(10)).await
+            })
+        })
+        .collect();
+    for (h, id) in handles.into_iter().zip(&ids) {
+        match h.await {
+            Ok(Ok((code, _))) if code < 300 || code == 304 => {}
+            Ok(Ok((code, body))) => {
+                crate::log!(
+                    "shutdown: stopping container {id}: HTTP {code} {}",
+                    body.trim()
+                )
+            }
+            Ok(Err(e)) => crate::log!("shutdown: stopping container {id}: {e}"),
+            Err(_) => {}
         }
     }
-    pub fn with_deadline(mut self, d: Instant) -> Self {
-        self.deadline = Some(d);
-        self
-    }
+    ids.len()
 }
 
 /// Logs a finished step with its duration and the time left before the deadline.
@@ -78,12 +98,12 @@ pub fn user_processes(paths: &crate::sys::Paths) -> Vec<(i32, String)> {
         .collect()
 }
 
-/// How long a step may take before the deadline, keeping [`crate::lifecycle::RESERVE`] back
+/// How long a step may take before the deadline, keeping [`RESERVE`] back
 /// for sync, unmount and detach (at least a second; no limit without a deadline).
 fn step_limit(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|d| {
         d.saturating_duration_since(Instant::now())
-            .saturating_sub(crate::lifecycle::RESERVE)
+            .saturating_sub(RESERVE)
             .max(Duration::from_secs(1))
     })
 }
@@ -111,7 +131,9 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
     if st.docker_started {
         if let (Some(d), Some(cfg)) = (deadline, &st.config) {
             let t = Instant::now();
-            let n = crate::lifecycle::stop_containers_before(m, cfg, d).await;
+            let socket = m.paths.p(docker::DOCKER_SOCKET);
+            let stop_timeout = Duration::from_secs(cfg.docker.stop_timeout_secs);
+            let n = stop_containers_before(&socket, stop_timeout, d).await;
             step_done(
                 &format!("{} stopped", crate::console::count(n, "container")),
                 t,
@@ -173,7 +195,7 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
     // or the volume would keep a half-made filesystem.
     if let Some(vol) = st.volume.as_ref() {
         let t = Instant::now();
-        let until = deadline.map(|d| d.checked_sub(crate::lifecycle::RESERVE).unwrap_or(d));
+        let until = deadline.map(|d| d.checked_sub(RESERVE).unwrap_or(d));
         let f = vol.finish_critical(until).await;
         if !f.finished.is_empty() {
             step_done(&format!("{} finished", f.finished.join(", ")), t, deadline);

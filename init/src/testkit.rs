@@ -2,10 +2,9 @@
 //! data, a scripted volume phase) and a sandbox root in which the recording fake system's
 //! "daemons" open the sockets the boot waits for. Nothing here runs in production.
 
-use crate::boot::Platform;
+use crate::machine::{Platform, Request};
 use crate::cloud::{CloudError, Identity, Metadata, SpotAction};
 use crate::config::Config;
-use crate::shutdown::Request;
 use crate::sys::fake::{Behavior, FakeSystem};
 use crate::sys::Paths;
 use crate::volume::layout::{self, Record};
@@ -196,12 +195,13 @@ impl Platform for FakeCloud {
             log: self.log.clone(),
         })
     }
+    type Events = ();
     fn watch(&self, _: &Config, _: &FakeMeta, _: mpsc::UnboundedSender<Request>) {}
-    fn volume_ready(&self, _: &Config, _: &Identity, _: &FakeMeta, _: &str) {
+    fn start_volume_upkeep(&self, _: &Config, _: &Identity, _: &FakeMeta, _: &str, _: ()) {
         self.log
             .lock()
             .unwrap()
-            .push((self.fake.ops().len(), "volume ready"));
+            .push((self.fake.ops().len(), "volume upkeep"));
     }
 }
 

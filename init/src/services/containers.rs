@@ -7,12 +7,11 @@
 //! one in the way of a declared name; managed containers no longer declared are left as they
 //! are, with a console line.
 
-use super::engine::Engine;
+use super::engine::{Engine, Existing};
 use crate::config::containers::{parse_mount, parse_port, Container};
 use crate::console::human;
 use crate::retry::{Attempt, Retry, RetryError};
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -26,17 +25,6 @@ pub const MANAGED_LABEL: &str = "org.spotinit.managed";
 pub const DECLARATION_LABEL: &str = "org.spotinit.declaration";
 /// Where bind mounts take their host side: below this directory of the state volume.
 pub const BINDS_DIR: &str = "binds";
-
-/// A container as Docker lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Existing {
-    pub id: String,
-    /// Without the API's leading '/'.
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    /// Docker's state: created, running, restarting, exited, paused, dead.
-    pub state: String,
-}
 
 impl Existing {
     fn managed(&self) -> bool {

@@ -3,8 +3,8 @@
 //! one connection per request, so an answer is never chunked and a pull's progress arrives as
 //! lines until the daemon closes the connection.
 
-use super::containers::Existing;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,6 +89,17 @@ fn message_of(body: &str) -> String {
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| body.trim().chars().take(300).collect())
+}
+
+/// A container as Docker lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Existing {
+    pub id: String,
+    /// Without the API's leading '/'.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Docker's state: created, running, restarting, exited, paused, dead.
+    pub state: String,
 }
 
 /// Docker's answer to `GET /containers/json?all=1`.

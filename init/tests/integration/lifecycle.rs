@@ -6,7 +6,7 @@ use spotinit::cloud::imds::Imds;
 use spotinit::cloud::Identity;
 use spotinit::config::Config;
 use spotinit::lifecycle::{self, Event, Snapshots};
-use spotinit::shutdown::Then;
+use spotinit::machine::Then;
 use spotworld::fidelity::{Fidelity, Settings};
 use spotworld::imds::ImdsMock;
 use spotworld::moto::MotoServer;

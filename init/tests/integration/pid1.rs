@@ -12,10 +12,10 @@
 //! Without root it prints `SKIPPED <test>: <why>` and passes.
 
 use crate::common::{privileged, wait_until, Ns, Spy};
-use spotinit::boot::{BootState, Machine, Mode};
+use spotinit::machine::{BootState, Machine, Mode, Request, Then};
 use spotinit::run::Aws;
 use spotinit::services::ServiceSpec;
-use spotinit::shutdown::{drain, Request, Then};
+use spotinit::shutdown::drain;
 use spotinit::sys::{describe_exit, CommandSpec, Linux, Paths, Pid, System};
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;

@@ -11,12 +11,12 @@ use crate::common::{
     create_tagged, fast, find_program, has_cap, mount_at, mounts_under, notice, privileged, sh,
     sparse_file, vcfg, write_at, InstanceParts, Loop, Ns, Plug, Spy, World,
 };
-use spotinit::boot::{BootState, Machine, Mode};
+use spotinit::machine::{BootState, Machine, Mode, Request, Then};
 use spotinit::cloud::ec2::Ec2Client;
 use spotinit::config;
 use spotinit::host;
 use spotinit::run::Aws;
-use spotinit::shutdown::{drain, Request, Then};
+use spotinit::shutdown::drain;
 use spotinit::sys::{Linux, MountSpec, MsFlags, Paths, System};
 use spotinit::volume::ebs::EbsVolume;
 use spotinit::volume::fs::{self, Content, Fsck};
