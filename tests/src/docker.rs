@@ -70,10 +70,6 @@ impl Docker {
         }
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// One request; the status and the body. Errors name the request.
     pub async fn request(
         &self,

@@ -267,14 +267,6 @@ impl VmSpec {
         self.rtc_base = Some(base.to_owned());
         self
     }
-    pub fn with_extra_args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.extra_args.extend(args.into_iter().map(Into::into));
-        self
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,7 +294,7 @@ struct ExitRecord {
 #[derive(Default)]
 struct VmState {
     lines: Vec<ConsoleLine>,
-    /// The line being received (no newline yet): a prompt can be waited for.
+    /// The line being received (no newline yet, e.g. a prompt): shown with the complete ones.
     partial: Option<ConsoleLine>,
     console_closed: bool,
     exit: Option<ExitRecord>,
@@ -414,8 +406,7 @@ impl ConsoleCursor {
     /// moves past it.
     pub async fn wait_for(&mut self, needle: &str, deadline: Duration) -> Result<ConsoleLine> {
         let what = format!("a line containing {needle:?}");
-        self.wait(&what, |t| t.contains(needle), deadline, false)
-            .await
+        self.wait(&what, |t| t.contains(needle), deadline).await
     }
 
     /// Wait for the next complete line for which `matches` holds; `what` describes it in errors.
@@ -427,19 +418,7 @@ impl ConsoleCursor {
         matches: impl FnMut(&str) -> bool,
         deadline: Duration,
     ) -> Result<ConsoleLine> {
-        self.wait(what, matches, deadline, false).await
-    }
-
-    /// Like [`ConsoleCursor::wait_for`], but also matches the line still being printed: for a
-    /// prompt that ends without a newline. The match may be a prefix of the final line.
-    pub async fn wait_for_prompt(
-        &mut self,
-        needle: &str,
-        deadline: Duration,
-    ) -> Result<ConsoleLine> {
-        let what = format!("a prompt containing {needle:?}");
-        self.wait(&what, |t| t.contains(needle), deadline, true)
-            .await
+        self.wait(what, matches, deadline).await
     }
 
     async fn wait(
@@ -447,7 +426,6 @@ impl ConsoleCursor {
         what: &str,
         mut matches: impl FnMut(&str) -> bool,
         deadline: Duration,
-        partial_too: bool,
     ) -> Result<ConsoleLine> {
         let until = tokio::time::Instant::now() + deadline;
         let mut changed = self.shared.changed.subscribe();
@@ -467,13 +445,6 @@ impl ConsoleCursor {
                 }
                 // Each complete line is looked at once.
                 self.next = self.next.max(st.lines.len());
-                if let Some(p) = st.partial.as_ref().filter(|_| partial_too) {
-                    if matches(&p.text) {
-                        // Consumed: when this line completes it will sit at index `lines.len()`.
-                        self.next = st.lines.len() + 1;
-                        return Ok(p.clone());
-                    }
-                }
                 if st.console_closed && st.exit.is_some() {
                     drop(st);
                     return Err(Error::new(format!(
@@ -516,20 +487,10 @@ impl ConsoleCursor {
             .any(|l| l.text.contains(needle))
     }
 
-    /// Lines at or after the cursor (complete ones), without moving it.
-    pub fn pending_lines(&self) -> Vec<ConsoleLine> {
-        let st = self.shared.lock();
-        st.lines.iter().skip(self.next).cloned().collect()
-    }
-
     /// Skip everything received so far.
     pub fn skip_to_end(&mut self) {
         let st = self.shared.lock();
         self.next = st.lines.len();
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.shared.console_log
     }
 }
 
@@ -1015,19 +976,9 @@ impl PlugId {
     pub fn device_id(&self) -> &str {
         &self.device
     }
-    /// Block node name (`blockdev-del`).
-    pub fn node_name(&self) -> &str {
-        &self.node
-    }
     /// The `pcie-root-port` id it sits on, e.g. `rp3`.
     pub fn root_port(&self) -> String {
         root_port_id(self.port)
-    }
-    pub fn serial(&self) -> &str {
-        &self.serial
-    }
-    pub fn file(&self) -> &Path {
-        &self.file
     }
 }
 
@@ -1250,10 +1201,6 @@ impl Vm {
             .map(|f| f.host_port)
     }
 
-    pub fn qmp(&self) -> &Qmp {
-        &self.qmp
-    }
-
     /// Shorthand for `self.qmp().execute(…)`.
     pub async fn execute(&self, command: &str, arguments: Value) -> Result<Value> {
         self.qmp.execute(command, arguments).await
@@ -1287,11 +1234,6 @@ impl Vm {
     /// Undo [`Vm::pause`] (QMP `cont`).
     pub async fn resume(&self) -> Result<()> {
         self.qmp.execute("cont", json!({})).await.map(drop)
-    }
-
-    /// QEMU's exit status, once it has exited.
-    pub fn exit_status(&self) -> Option<std::result::Result<ExitStatus, String>> {
-        self.shared.lock().exit.as_ref().map(|e| e.status.clone())
     }
 
     pub fn has_exited(&self) -> bool {

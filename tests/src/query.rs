@@ -28,10 +28,6 @@ pub const EC2_XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
 pub struct Params(Vec<(String, String)>);
 
 impl Params {
-    pub fn new() -> Params {
-        Params(Vec::new())
-    }
-
     /// Parses an `application/x-www-form-urlencoded` body (or URL query string).
     pub fn parse(body: &[u8]) -> Params {
         let mut params = Vec::new();
@@ -127,16 +123,6 @@ impl Params {
             self.push(format!("TagSpecification.{n}.Tag.{}.Key", m + 1), *k);
             self.push(format!("TagSpecification.{n}.Tag.{}.Value", m + 1), *v);
         }
-    }
-
-    /// Replaces every value of `key` by one `value` (appended if absent).
-    pub fn set(&mut self, key: &str, value: impl Into<String>) {
-        self.remove(key);
-        self.0.push((key.to_string(), value.into()));
-    }
-
-    pub fn remove(&mut self, key: &str) {
-        self.0.retain(|(k, _)| k != key);
     }
 
     /// Removes every parameter whose name starts with `prefix` followed by `.`
@@ -481,10 +467,6 @@ pub struct XmlEdits {
 impl XmlEdits {
     pub fn new() -> XmlEdits {
         XmlEdits::default()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.edits.is_empty()
     }
 
     /// Sets the text of `element` (which must hold text only, or nothing).

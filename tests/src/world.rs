@@ -189,11 +189,6 @@ impl WorldSettings {
             detach_deadline: crate::ebs::DEFAULT_DETACH_DEADLINE,
         }
     }
-
-    pub fn release_after_termination(mut self, d: Duration) -> Self {
-        self.fidelity.release_after_termination = d;
-        self
-    }
 }
 
 /// moto + fidelity layer + EBS bridge + a work directory; instances are launched into it.
@@ -201,18 +196,17 @@ pub struct World {
     // Fields drop in order: instances hold clones of the Arcs, the moto server goes last.
     fidelity: Arc<Fidelity>,
     ebs: Arc<EbsBridge>,
-    moto: MotoServer,
+    /// Held for its drop, which stops the server.
+    _moto: MotoServer,
     ntp: NtpServer,
     image: Image,
     dir: PathBuf,
-    started: Instant,
 }
 
 impl World {
     /// Checks the prerequisites (each failure names its fix), starts moto and the fidelity layer
     /// with an [`EbsBridge`] as its block-device side.
     pub async fn start(settings: WorldSettings) -> Result<World> {
-        let started = Instant::now();
         let image = Image::locate()?;
         check_program(
             crate::qemu::QEMU_BINARY,
@@ -244,11 +238,10 @@ impl World {
         Ok(World {
             fidelity: Arc::new(fidelity),
             ebs,
-            moto,
+            _moto: moto,
             ntp,
             image,
             dir,
-            started,
         })
     }
 
@@ -387,10 +380,6 @@ impl World {
         &self.fidelity
     }
 
-    pub fn moto(&self) -> &MotoServer {
-        &self.moto
-    }
-
     pub fn ebs(&self) -> &EbsBridge {
         &self.ebs
     }
@@ -407,11 +396,6 @@ impl World {
     /// `build/test-runs/<name>/`.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// Time since [`World::start`] began.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
     }
 
     /// The volumes as EC2 (the fidelity layer) shows them, instance root volumes left out (moto
@@ -630,10 +614,6 @@ impl SimInstance {
         self.vm.console_from_now()
     }
 
-    pub fn vm(&self) -> &Vm {
-        &self.vm
-    }
-
     pub fn imds(&self) -> &ImdsMock {
         &self.imds
     }
@@ -641,11 +621,6 @@ impl SimInstance {
     /// The host instant a console line was received.
     pub fn instant_of(&self, line: &ConsoleLine) -> Instant {
         self.started + line.at
-    }
-
-    /// When QEMU started.
-    pub fn started(&self) -> Instant {
-        self.started
     }
 
     /// Waits for `spotinit: ready`; fails at once if the boot fails (`BOOT FAILED`) or QEMU exits.
