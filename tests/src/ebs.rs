@@ -81,10 +81,6 @@ impl EbsBridge {
         self
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The backing file of a volume (it exists once `volume_created` ran). Inspect it from outside
     /// (`debugfs`, `dumpe2fs`) only while no VM has it plugged.
     pub fn volume_file(&self, volume_id: &str) -> PathBuf {

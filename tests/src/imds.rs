@@ -144,10 +144,6 @@ impl ImdsMock {
         self.addr.port()
     }
 
-    pub fn identity(&self) -> Identity {
-        self.lock().identity.clone()
-    }
-
     /// Posts a spot interruption notice: `/latest/meta-data/spot/instance-action` answers
     /// `{"action": "<action>", "time": "<at>"}` (action `terminate`, `stop` or `hibernate`).
     pub fn post_spot_notice(&self, action: &str, at: SystemTime) {
@@ -206,11 +202,6 @@ impl ImdsMock {
     /// clients refresh their token. Real IMDS grants what is asked, up to 21600.
     pub fn set_max_token_ttl(&self, secs: u64) {
         self.lock().max_token_ttl = secs.clamp(1, MAX_TOKEN_TTL_SECS);
-    }
-
-    /// Forgets every token issued so far: the next GET with an old token gets 401.
-    pub fn revoke_tokens(&self) {
-        self.lock().tokens.clear();
     }
 
     /// How many requests (any method, any outcome) came for `path` (query string excluded).

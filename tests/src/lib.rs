@@ -1,7 +1,7 @@
 //! The spot world in a box: EC2 (moto behind a fidelity layer), IMDSv2 per instance, and QEMU
 //! instances whose EBS volumes are backing files hot-plugged over QMP.
 //!
-//! Pieces, one file each:
+//! Pieces, one module each:
 //! - [`moto`]: the moto server process and a raw EC2 Query client for it.
 //! - [`query`]: EC2 Query protocol helpers (form bodies, error documents, XML).
 //! - [`fidelity`]: an HTTP proxy in front of moto that adds what real EC2 does and moto does not.

@@ -47,7 +47,6 @@ pub struct MotoServer {
     child: Child,
     endpoint: String,
     dir: PathBuf,
-    log: PathBuf,
 }
 
 impl MotoServer {
@@ -66,7 +65,6 @@ impl MotoServer {
                         child,
                         endpoint: format!("http://127.0.0.1:{port}"),
                         dir,
-                        log,
                     })
                 }
                 Err(StartError::PortTaken(e)) => last_error = e,
@@ -142,11 +140,6 @@ impl MotoServer {
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
-    }
-
-    /// The file moto's output goes to.
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// A raw EC2 client talking to moto directly.
@@ -335,13 +328,6 @@ impl Ec2Client {
             authorization: TEST_AUTHORIZATION.to_string(),
             http: Client::builder(TokioExecutor::new()).build_http(),
         }
-    }
-
-    /// The same client, calling with another access key id (the fidelity layer names the
-    /// caller after it in authorization errors).
-    pub fn with_access_key(mut self, access_key_id: &str) -> Ec2Client {
-        self.authorization = TEST_AUTHORIZATION.replace("AKIDTEST", access_key_id);
-        self
     }
 
     pub fn endpoint(&self) -> &str {
