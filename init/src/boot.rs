@@ -3,9 +3,9 @@
 //! that interrupts the boot (a spot notice, the power button) undoes exactly that.
 
 use crate::cloud::{CloudError, Identity, Metadata};
-use crate::machine::{BootState, Machine, Mode, Platform, Request};
 use crate::config::{Config, ConfigError, VolumeMode, IMAGE_CONFIG};
 use crate::console::{human, uptime};
+use crate::machine::{BootState, Machine, Mode, Platform, Request};
 use crate::retry::Retry;
 use crate::services::{self, docker};
 use crate::sys::{Paths, System};
@@ -366,12 +366,15 @@ async fn take_the_volume<P: Platform>(
         return Ok(());
     }
     if st.volume.is_none() {
-        st.volume = Some(platform.volume(config, identity, meta).map_err(|message| {
-            BootError::Phase {
-                phase: "volume",
-                message,
-            }
-        })?);
+        st.volume =
+            Some(
+                platform
+                    .volume(config, identity, meta)
+                    .map_err(|message| BootError::Phase {
+                        phase: "volume",
+                        message,
+                    })?,
+            );
     }
     let vol = st.volume.as_mut().expect("set above");
     let mounted = phase("volume", acquire_with_retries(vol, config)).await?;

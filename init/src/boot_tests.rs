@@ -2,8 +2,8 @@
 //! order of the phases, the golden rule, interruption, and the shutdown order.
 
 use super::*;
-use crate::run::serve;
 use crate::machine::{BootState, Machine, Mode, Request, Then};
+use crate::run::serve;
 use crate::shutdown::drain;
 use crate::testkit::{world, Script};
 use std::sync::atomic::Ordering;

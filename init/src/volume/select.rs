@@ -21,11 +21,11 @@
 
 use super::attach::{self, api};
 use super::{Step, VolumeError};
+use crate::cloud::tags;
 use crate::cloud::{
     describe_tags, is_reserved_tag_key, AttachmentState, Ec2, Identity, NewVolume, VolumeInfo,
     VolumeState,
 };
-use crate::cloud::tags;
 use crate::config;
 use crate::console::human;
 use std::collections::BTreeMap;
@@ -287,9 +287,9 @@ fn orphan_reason(c: &VolumeInfo, found: &[VolumeInfo]) -> Option<String> {
         },
         // The source is gone (volume.delete_superseded): the oldest copy is its successor.
         None => {
-            let siblings = found
-                .iter()
-                .filter(|v| v.tag(tags::MOVED_FROM) == Some(source_id) && superseded_by(v).is_none());
+            let siblings = found.iter().filter(|v| {
+                v.tag(tags::MOVED_FROM) == Some(source_id) && superseded_by(v).is_none()
+            });
             let winner = oldest(siblings)?;
             (winner.id != c.id).then(|| {
                 format!(
@@ -689,7 +689,11 @@ async fn move_here<E: Ec2>(
     let taken = match &after {
         None => Some("it was deleted".to_string()),
         Some(a) => {
-            if let Some(h) = a.attachments.iter().find(|x| x.state != AttachmentState::Detached) {
+            if let Some(h) = a
+                .attachments
+                .iter()
+                .find(|x| x.state != AttachmentState::Detached)
+            {
                 Some(format!("instance {} attached it meanwhile", h.instance_id))
             } else if MoveClaim::of(a).as_ref() != Some(&claim) {
                 Some("its move claim changed meanwhile".to_string())
