@@ -9,9 +9,11 @@
 
 mod checks;
 pub mod containers;
+mod forms;
 mod sources;
 
-pub use checks::{is_hostname, is_region, ssh_key_problem, time_server_problem, MAX_DAEMON_DEPTH};
+pub use checks::MAX_DAEMON_DEPTH;
+pub use forms::{is_hostname, is_region, ssh_key_problem, time_server_problem};
 pub use sources::{cmdline_table, cmdline_words, line_of_key, redact, Text, MAX_TEXT_BYTES};
 
 use serde::{Deserialize, Serialize};
