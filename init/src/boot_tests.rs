@@ -7,6 +7,7 @@ use crate::run::serve;
 use crate::shutdown::drain;
 use crate::testkit::{world, Script};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 fn index_of(briefs: &[String], what: &str) -> usize {
     briefs
