@@ -1,96 +1,37 @@
 //! The boot, top to bottom. Each phase is logged with its duration; the first failure stops the
 //! boot before Docker starts. What the phases achieved is kept in [`BootState`], so a shutdown
 //! that interrupts the boot (a spot notice, the power button) undoes exactly that.
+//!
+//! Beside it: `phase` (how a phase is run and fails), `background` (what runs beside the
+//! phases), `start` (Docker, the declared containers, SSH), `footprint` (the ready line's figures).
+
+mod background;
+mod footprint;
+mod phase;
+mod start;
 
 use crate::cloud::{CloudError, Identity, Metadata};
-use crate::machine::{BootState, Machine, Mode, Platform, Request};
-use crate::config::{Config, ConfigError, VolumeMode, IMAGE_CONFIG};
+use crate::config::{Config, VolumeMode, IMAGE_CONFIG};
 use crate::console::{human, uptime};
+use crate::machine::{BootState, Machine, Mode, Platform};
 use crate::retry::Retry;
 use crate::services::{self, docker};
 use crate::sys::{Paths, System};
-use crate::volume::{self, Mounted, VolumeError, VolumePhase};
-use std::fmt;
+use crate::volume::{self, Mounted, VolumePhase};
+use background::{other_drivers_then_power_button, Background};
+use footprint::{cpu_time, resident_memory};
+use phase::phase;
+use start::{start_declared_containers, start_docker};
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Why the boot stopped before Docker.
-#[derive(Debug)]
-pub enum BootError {
-    Config(Vec<ConfigError>),
-    Volume(VolumeError),
-    Phase {
-        phase: &'static str,
-        message: String,
-    },
-}
+pub use phase::{BootError, PhaseFailure};
+pub use start::start_ssh;
 
-impl fmt::Display for BootError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BootError::Config(errors) => {
-                write!(f, "invalid configuration:")?;
-                for e in errors {
-                    write!(f, "\n  {e}")?;
-                }
-                Ok(())
-            }
-            BootError::Volume(e) => write!(f, "{e}"),
-            BootError::Phase { phase, message } => write!(f, "{phase}: {message}"),
-        }
-    }
-}
-
-/// Runs one phase: logs its start only if it is slow to matter, and always its end and duration.
-async fn phase<T, E, F>(name: &'static str, f: F) -> Result<T, BootError>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<PhaseFailure>,
-{
-    let start = Instant::now();
-    match f.await {
-        Ok(v) => {
-            crate::log!("phase {name}: done in {}", human(start.elapsed()));
-            Ok(v)
-        }
-        Err(e) => {
-            let e = match e.into() {
-                PhaseFailure::Message(message) => BootError::Phase {
-                    phase: name,
-                    message,
-                },
-                PhaseFailure::Boot(b) => b,
-            };
-            crate::log!("phase {name}: FAILED after {}", human(start.elapsed()));
-            Err(e)
-        }
-    }
-}
-
-/// A phase fails with a message, or with a typed boot error.
-pub enum PhaseFailure {
-    Message(String),
-    Boot(BootError),
-}
-
-impl From<String> for PhaseFailure {
-    fn from(s: String) -> Self {
-        PhaseFailure::Message(s)
-    }
-}
-
-impl From<BootError> for PhaseFailure {
-    fn from(b: BootError) -> Self {
-        PhaseFailure::Boot(b)
-    }
-}
-
-/// The boot, as the list of its phases; each is a function below, in this order. The ones only
-/// PID 1 runs (its own mounts, network, clock, SSH) are skipped as a service under another
-/// init. Any phase may fail the boot, and then Docker is not started.
+/// The boot, as the list of its phases; each is a function below (or in `start`), in this
+/// order. The ones only PID 1 runs (its own mounts, network, clock, SSH) are skipped as a
+/// service under another init. Any phase may fail the boot, and then Docker is not started.
 pub async fn boot<S: System, P: Platform>(
     m: &Machine<S>,
     platform: &P,
@@ -187,42 +128,6 @@ impl EarlyConfig {
             image_file,
             config,
         })
-    }
-}
-
-/// What runs in the background while the boot goes on; Docker waits for all of it.
-#[derive(Default)]
-struct Background {
-    /// Docker's kernel modules.
-    docker_modules: Option<crate::host::DockerModules>,
-    /// The other device drivers, then the power button.
-    coldplug: Option<tokio::task::JoinHandle<()>>,
-    /// The firewall rules that keep containers away from IMDS.
-    imds_rules: Option<tokio::task::JoinHandle<Result<String, String>>>,
-}
-
-impl Background {
-    /// The firewall rules' outcome, once they are in (None: not asked for).
-    async fn imds_rules_in(&mut self) -> Option<Result<String, String>> {
-        match self.imds_rules.take() {
-            Some(task) => Some(
-                task.await
-                    .unwrap_or_else(|e| Err(format!("the task installing them ended: {e}"))),
-            ),
-            None => None,
-        }
-    }
-
-    /// The drivers and Docker's modules, loaded.
-    async fn drivers_loaded(self) {
-        if let Some(drivers) = self.coldplug {
-            if let Err(e) = drivers.await {
-                crate::log!("modules: the device drivers' task ended: {e}");
-            }
-        }
-        if let Some(modules) = self.docker_modules {
-            crate::log!("modules: {}", modules.wait().await);
-        }
     }
 }
 
@@ -366,12 +271,15 @@ async fn take_the_volume<P: Platform>(
         return Ok(());
     }
     if st.volume.is_none() {
-        st.volume = Some(platform.volume(config, identity, meta).map_err(|message| {
-            BootError::Phase {
-                phase: "volume",
-                message,
-            }
-        })?);
+        st.volume =
+            Some(
+                platform
+                    .volume(config, identity, meta)
+                    .map_err(|message| BootError::Phase {
+                        phase: "volume",
+                        message,
+                    })?,
+            );
     }
     let vol = st.volume.as_mut().expect("set above");
     let mounted = phase("volume", acquire_with_retries(vol, config)).await?;
@@ -405,92 +313,6 @@ async fn enter_the_persisted_root<S: System>(
     Ok(())
 }
 
-/// The golden rule, in one place: Docker starts only on the state volume it just verified (or
-/// on tmpfs when the user chose `volume.mode = none`), with its modules loaded and the IMDS
-/// firewall in. containerd and dockerd start together: dockerd dials containerd's socket
-/// itself (for up to a minute), so their start-ups overlap instead of adding up. Both
-/// readiness checks stay: a containerd that never answers is named as such.
-async fn start_docker<S: System, P: Platform>(
-    m: &Machine<S>,
-    st: &mut BootState<P>,
-    config: &Config,
-    background: Background,
-    imds_rules: Option<Result<String, String>>,
-) -> Result<(), BootError> {
-    let paths = &m.paths;
-    if let Some(mounted) = &st.mounted {
-        let verify = if config.volume.mode == VolumeMode::PersistedRoot {
-            volume::verify_persisted_root
-        } else {
-            volume::verify_docker_state
-        };
-        verify(paths, mounted, &config.docker.storage_driver).map_err(|message| {
-            BootError::Phase {
-                phase: "docker state check",
-                message: format!(
-                    "{message}; refusing to start Docker on anything but the state volume"
-                ),
-            }
-        })?;
-    }
-    background.drivers_loaded().await;
-    st.docker_started = true;
-    let containerd_started = Instant::now();
-    phase("containerd", async {
-        m.supervisor.launch(docker::containerd(paths)).await?;
-        Ok::<_, String>(())
-    })
-    .await?;
-    phase("dockerd", async {
-        let tls = docker::tls_files(paths, &config.docker)?;
-        if docker::write_registry_cas(paths, &config.docker)? > 0 {
-            let registries: Vec<&str> =
-                config.docker.registry_cas.keys().map(String::as_str).collect();
-            crate::log!(
-                "docker: registries with their own CA (docker.registry_cas): {}",
-                registries.join(", ")
-            );
-        }
-        docker::write_daemon_json(paths, &config.docker, tls.as_ref())
-            .map_err(|e| e.to_string())?;
-        for host in docker::tcp_hosts(&config.docker) {
-            if tls.is_some() {
-                crate::log!("docker: the Engine API listens on tcp://{host} with TLS; clients need a certificate of the configured CA");
-            } else {
-                crate::log!("docker: WARNING: the Engine API listens on tcp://{host} WITHOUT TLS (docker.insecure_plain_tcp_api): anyone who reaches that port is root on this host");
-            }
-        }
-        // Before dockerd, which starts the containers: they never run without the rules.
-        match &imds_rules {
-            Some(Ok(r)) => crate::log!(
-                "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
-            ),
-            Some(Err(e)) => return Err(format!(
-                "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
-            )),
-            None => {}
-        }
-        m.supervisor
-            .launch(docker::dockerd(paths, &config.docker))
-            .await?;
-        let within = Duration::from_secs(config.docker.start_timeout_secs);
-        let docker_socket = paths.p(docker::DOCKER_SOCKET);
-        let containerd = async {
-            docker::wait_for_socket(&paths.p(docker::CONTAINERD_SOCKET), within)
-                .await
-                .map_err(|e| format!("containerd: {e}"))?;
-            Ok::<_, String>(containerd_started.elapsed())
-        };
-        let (containerd, _) = tokio::try_join!(
-            containerd,
-            docker::wait_for_ping(&docker_socket, within),
-        )?;
-        crate::log!("containerd: answering {} after its start", human(containerd));
-        Ok(())
-    })
-    .await
-}
-
 /// The `ready` line with spotinit's own figures, what listens, and the declared containers
 /// (made to match in the background: `ready` waits for none of it).
 fn announce_ready<S: System, P: Platform>(
@@ -512,132 +334,6 @@ fn announce_ready<S: System, P: Platform>(
     if config.docker.enabled && !config.containers.is_empty() {
         st.declared_containers = Some(start_declared_containers(paths, config));
     }
-}
-
-/// `[[containers]]`: made to match the declaration in the background, after `ready` (Docker is
-/// ready; a slow pull must not make the host look down). Their files live on the state volume:
-/// its top in `docker` mode, `/var/lib/spotinit` of the persisted root, tmpfs without a volume.
-fn start_declared_containers(paths: &Paths, config: &Config) -> tokio::task::JoinHandle<()> {
-    let home = match config.volume.mode {
-        VolumeMode::Docker => paths.p(volume::layout::VOLUME_MOUNT),
-        VolumeMode::PersistedRoot | VolumeMode::None => paths.p("/var/lib/spotinit"),
-    };
-    let auth = match services::registry_auth::RegistryAuth::load(&home) {
-        Ok(a) => a,
-        Err(e) => {
-            crate::log!("containers: registry credentials not used: {e}");
-            services::registry_auth::RegistryAuth::default()
-        }
-    };
-    if !auth.registries().is_empty() {
-        crate::log!(
-            "containers: credentials for {} (from {})",
-            auth.registries().join(", "),
-            services::registry_auth::AUTH_FILE
-        );
-    }
-    let engine = services::engine::Engine::new(&paths.p(docker::DOCKER_SOCKET));
-    let declared = config.containers.clone();
-    crate::log!(
-        "containers: {} declared: {}",
-        declared.len(),
-        declared
-            .iter()
-            .map(|c| format!("{} ({})", c.name, c.image))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    tokio::spawn(async move {
-        services::containers::reconcile(
-            &engine,
-            &declared,
-            &home,
-            &|image| auth.header_for(image),
-            services::containers::PULL_RETRY_FOR,
-        )
-        .await;
-    })
-}
-
-/// Operator access, when a key is configured. Its host key is on the state volume when there is
-/// one, so replacements present the same key. Never fatal: a boot without SSH is still a boot.
-pub async fn start_ssh<S: System, M: Metadata>(
-    m: &Machine<S>,
-    config: &Config,
-    meta: &M,
-    on_volume: bool,
-) {
-    let pair = if config.ssh.use_key_pair {
-        meta.key_pair().await.ok().flatten()
-    } else {
-        None
-    };
-    // IMDS serves what the launch gave: checked like ssh.authorized_keys.
-    let pair = pair.filter(|k| match crate::config::ssh_key_problem(k) {
-        None => true,
-        Some(why) => {
-            crate::log!("ssh: ignoring the EC2 key pair from IMDS: {why}");
-            false
-        }
-    });
-    let keys = services::ssh::authorized_keys(&config.ssh, pair.as_deref());
-    if keys.is_empty() {
-        crate::log!("ssh: off (no EC2 key pair and no ssh.authorized_keys)");
-        return;
-    }
-    let dir = services::ssh::key_dir(&m.paths, on_volume);
-    match services::ssh::start(&*m.sys, &m.paths, &m.supervisor, &config.ssh, &keys, &dir).await {
-        Ok(line) => crate::log!("ssh: {line}"),
-        Err(e) => crate::log!("ssh: not started: {e}"),
-    }
-}
-
-/// The device drivers beyond the NIC's (coldplug), then the power button: evdev, which makes
-/// it readable, is one of them. Runs beside the network, configuration and volume phases.
-async fn other_drivers_then_power_button<S: System>(
-    sys: Arc<S>,
-    paths: Paths,
-    tried: Vec<String>,
-    requests: mpsc::UnboundedSender<Request>,
-) {
-    match crate::host::load_device_drivers(&*sys, &paths, tried).await {
-        Ok(line) => crate::log!("modules: {line}"),
-        Err(e) => crate::log!("modules: {e}"),
-    }
-    // EC2's stop and terminate press it: the drain starts there.
-    if crate::power::listen_power_button(&paths, requests) == 0 {
-        crate::log!(
-            "power button: no input device named \"Power Button\" (input devices: {}); EC2 stop and terminate will not drain cleanly",
-            crate::power::input_devices(&paths).join(", ")
-        );
-    }
-}
-
-/// Our CPU time so far (user and system, every thread; not the children), for the ready line.
-fn cpu_time() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the rusage the pointer points to (zeroed, so initialised even if
-    // it did not); RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    let of = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
-    };
-    of(usage.ru_utime) + of(usage.ru_stime)
-}
-
-/// Our resident memory (VmRSS), for the ready line.
-fn resident_memory(paths: &Paths) -> String {
-    std::fs::read_to_string(paths.p("/proc/self/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// IMDS right after the network came up can be briefly unreachable: retry for a minute.

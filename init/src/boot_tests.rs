@@ -2,11 +2,12 @@
 //! order of the phases, the golden rule, interruption, and the shutdown order.
 
 use super::*;
-use crate::run::serve;
 use crate::machine::{BootState, Machine, Mode, Request, Then};
+use crate::run::serve;
 use crate::shutdown::drain;
 use crate::testkit::{world, Script};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 fn index_of(briefs: &[String], what: &str) -> usize {
     briefs

@@ -4,8 +4,8 @@
 //! recommendation and on a schedule), pruning only spotinit's own; and hold the instance's
 //! stable address (an Elastic IP re-associated from the dead predecessor).
 
-use crate::cloud::{CloudError, Ec2, Identity, Metadata, SnapshotInfo, SnapshotState};
 use crate::cloud::tags;
+use crate::cloud::{CloudError, Ec2, Identity, Metadata, SnapshotInfo, SnapshotState};
 use crate::config::{AfterDrain, Config};
 use crate::console::human;
 use crate::machine::{Request, Then};
@@ -103,7 +103,6 @@ pub fn watch<M: Metadata + Clone>(
     });
 }
 
-
 /// Snapshots of the state volume that spotinit takes and prunes. Pruning only ever looks at
 /// snapshots tagged `spotinit:purpose=backup` for this volume: nobody else's are touched.
 pub struct Snapshots<E: Ec2> {
@@ -126,10 +125,7 @@ impl<E: Ec2> Snapshots<E> {
     pub async fn take(&self, reason: &str) -> Result<String, CloudError> {
         let mut tags = self.ours();
         tags.insert(tags::REASON.into(), reason.into());
-        tags.insert(
-            tags::CREATED_BY.into(),
-            self.me.instance_id.clone(),
-        );
+        tags.insert(tags::CREATED_BY.into(), self.me.instance_id.clone());
         let description = format!(
             "spotinit backup of {} from {} ({reason})",
             self.volume_id, self.me.instance_id

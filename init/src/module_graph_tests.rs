@@ -31,7 +31,11 @@ fn modules() -> BTreeMap<String, String> {
             }
             let text = std::fs::read_to_string(&path).unwrap();
             // What only the tests use does not count.
-            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap().to_owned();
+            let code = text
+                .split("#[cfg(test)]\nmod tests")
+                .next()
+                .unwrap()
+                .to_owned();
             out.insert(parts.join("::"), code);
         }
     }

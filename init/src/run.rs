@@ -3,7 +3,6 @@
 //! request), then wait for a request, then the one drain, then what the request says.
 
 use crate::boot::{boot, BootError};
-use crate::machine::{BootState, Machine, Mode, Platform, Request, Then};
 #[cfg(feature = "aws")]
 use crate::cloud::ec2::{endpoint, Ec2Client};
 #[cfg(feature = "aws")]
@@ -11,6 +10,7 @@ use crate::cloud::imds::Imds;
 #[cfg(feature = "aws")]
 use crate::cloud::{CloudError, Identity};
 use crate::config::{Config, FailureAction};
+use crate::machine::{BootState, Machine, Mode, Platform, Request, Then};
 use crate::shutdown::drain;
 #[cfg(not(feature = "aws"))]
 use crate::sys::System;

@@ -3,8 +3,8 @@
 //! process, sync, give the volume back (unmount, detach), undo the early mounts. Each step is
 //! logged with its duration and, against a deadline, the time left.
 
-use crate::machine::{BootState, Machine, Mode, Platform, Request, RESERVE};
 use crate::console::human;
+use crate::machine::{BootState, Machine, Mode, Platform, Request, RESERVE};
 use crate::services::docker;
 use crate::sys::{Signal, System};
 use crate::volume::VolumePhase;

@@ -2,9 +2,9 @@
 //! data, a scripted volume phase) and a sandbox root in which the recording fake system's
 //! "daemons" open the sockets the boot waits for. Nothing here runs in production.
 
-use crate::machine::{Platform, Request};
 use crate::cloud::{CloudError, Identity, Metadata, SpotAction};
 use crate::config::Config;
+use crate::machine::{Platform, Request};
 use crate::sys::fake::{Behavior, FakeSystem};
 use crate::sys::Paths;
 use crate::volume::layout::{self, Record};

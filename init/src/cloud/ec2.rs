@@ -135,10 +135,7 @@ fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
     VolumeInfo {
         id: v.volume_id().unwrap_or_default().into(),
         zone: v.availability_zone().unwrap_or_default().into(),
-        state: v
-            .state()
-            .map(|s| s.as_str().into())
-            .unwrap_or_default(),
+        state: v.state().map(|s| s.as_str().into()).unwrap_or_default(),
         size_gib: v.size().unwrap_or_default().max(0) as u32,
         volume_type: v
             .volume_type()
@@ -159,10 +156,7 @@ fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
             .map(|a| Attachment {
                 instance_id: a.instance_id().unwrap_or_default().into(),
                 device: a.device().unwrap_or_default().into(),
-                state: a
-                    .state()
-                    .map(|s| s.as_str().into())
-                    .unwrap_or_default(),
+                state: a.state().map(|s| s.as_str().into()).unwrap_or_default(),
             })
             .collect(),
         created_ms: v.create_time().map(|t| t.to_millis().unwrap_or(i64::MAX)),
@@ -173,10 +167,7 @@ fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> SnapshotInfo {
     SnapshotInfo {
         id: s.snapshot_id().unwrap_or_default().into(),
         volume_id: s.volume_id().unwrap_or_default().into(),
-        state: s
-            .state()
-            .map(|x| x.as_str().into())
-            .unwrap_or_default(),
+        state: s.state().map(|x| x.as_str().into()).unwrap_or_default(),
         progress: s.progress().unwrap_or_default().into(),
         start_time: s
             .start_time()
@@ -213,9 +204,7 @@ impl Ec2 for Ec2Client {
             .collect();
         // Deleted volumes linger in DescribeVolumes for a while; they are not candidates. And
         // the filter is checked again exactly, whatever EC2 made of it.
-        out.retain(|v| {
-            !v.state.is_going() && super::has_tags(&v.tags, tags)
-        });
+        out.retain(|v| !v.state.is_going() && super::has_tags(&v.tags, tags));
         Ok(out)
     }
 
@@ -256,10 +245,7 @@ impl Ec2 for Ec2Client {
         Ok(VolumeInfo {
             id: out.volume_id().unwrap_or_default().into(),
             zone: out.availability_zone().unwrap_or_default().into(),
-            state: out
-                .state()
-                .map(|s| s.as_str().into())
-                .unwrap_or_default(),
+            state: out.state().map(|s| s.as_str().into()).unwrap_or_default(),
             size_gib: out.size().unwrap_or_default().max(0) as u32,
             volume_type: out
                 .volume_type()

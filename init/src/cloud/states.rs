@@ -132,9 +132,19 @@ mod tests {
 
     #[test]
     fn states_read_and_print_as_the_api_spells_them() {
-        for s in ["creating", "available", "in-use", "deleting", "deleted", "error"] {
+        for s in [
+            "creating",
+            "available",
+            "in-use",
+            "deleting",
+            "deleted",
+            "error",
+        ] {
             assert_eq!(VolumeState::from(s).as_str(), s);
-            assert!(!matches!(VolumeState::from(s), VolumeState::Other(_)), "{s}");
+            assert!(
+                !matches!(VolumeState::from(s), VolumeState::Other(_)),
+                "{s}"
+            );
         }
         assert_eq!(VolumeState::from("in-use"), VolumeState::InUse);
         assert_eq!(

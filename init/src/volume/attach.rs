@@ -326,10 +326,9 @@ pub async fn detach<E: Ec2>(
             // it would stay attached to us if we took the refusal for "not attached".
             Err(e) if e.kind == ErrorKind::IncorrectState => loop {
                 let v = describe(ec2, volume_id, Step::Detach).await?;
-                let ours = v
-                    .attachments
-                    .iter()
-                    .find(|a| a.instance_id == me.instance_id && a.state != AttachmentState::Detached);
+                let ours = v.attachments.iter().find(|a| {
+                    a.instance_id == me.instance_id && a.state != AttachmentState::Detached
+                });
                 match ours.map(|a| &a.state) {
                     None => return Ok(start.elapsed()),
                     Some(AttachmentState::Detaching) => break 'detach,

@@ -10,8 +10,10 @@ pub mod device;
 pub mod ebs;
 pub mod fs;
 pub mod layout;
+mod lineage;
 pub mod pivot;
 pub mod select;
+mod zone_move;
 
 use crate::cloud::CloudError;
 use crate::console::human;

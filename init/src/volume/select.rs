@@ -19,30 +19,24 @@
 //! later). After attaching, [`confirm_current`] reads the volume once more before anything
 //! writes to it.
 
-use super::attach::{self, api};
-use super::{Step, VolumeError};
-use crate::cloud::{
-    describe_tags, is_reserved_tag_key, AttachmentState, Ec2, Identity, NewVolume, VolumeInfo,
-    VolumeState,
+use super::attach::api;
+use super::lineage::{
+    client_token, copies_of, describe, is_live, mark_superseded, now, oldest, select_err,
+    superseded_by, tag, wait_available,
 };
+use super::zone_move::move_here;
+use super::{Step, VolumeError};
 use crate::cloud::tags;
+use crate::cloud::{describe_tags, Ec2, Identity, NewVolume, VolumeInfo, VolumeState};
 use crate::config;
-use crate::console::human;
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
-use tokio::time::Instant;
+
+pub use super::lineage::{MoveClaim, SETTLE};
 
 /// `started by <instance> at <time>` while spotinit's first mkfs of a volume runs, `done`
 /// after: a volume whose tag still says `started` never held anything but that mkfs.
 pub const FORMAT_STARTED: &str = "started";
 pub const FORMAT_DONE: &str = "done";
 
-/// How long a tag written to claim or to clear a claim is given before anyone relies on it:
-/// EC2's reads are eventually consistent.
-pub const SETTLE: Duration = Duration::from_secs(5);
-/// Copies of a source made more than this before our own claim are leftovers of an earlier,
-/// abandoned attempt, not a racing mover's.
-const RACE_WINDOW: Duration = Duration::from_secs(600);
 /// A `superseded-by` chain longer than this is refused (a loop spotinit did not notice).
 const MAX_CHAIN: usize = 64;
 
@@ -51,47 +45,6 @@ const MAX_CHAIN: usize = 64;
 pub struct Selected {
     pub volume: VolumeInfo,
     pub created: bool,
-}
-
-/// Who is moving a volume, into which zone, since when: the value of `spotinit:moving`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MoveClaim {
-    pub instance: String,
-    pub zone: String,
-    pub since: String,
-}
-
-impl MoveClaim {
-    pub fn new(me: &Identity) -> MoveClaim {
-        MoveClaim {
-            instance: me.instance_id.clone(),
-            zone: me.zone.clone(),
-            since: now(),
-        }
-    }
-
-    /// None for an empty (cleared) or malformed value.
-    pub fn parse(value: &str) -> Option<MoveClaim> {
-        let mut f = value.split_whitespace();
-        let claim = MoveClaim {
-            instance: f.next()?.to_string(),
-            zone: f.next()?.to_string(),
-            since: f.next()?.to_string(),
-        };
-        f.next().is_none().then_some(claim)
-    }
-
-    pub fn value(&self) -> String {
-        format!("{} {} {}", self.instance, self.zone, self.since)
-    }
-
-    fn of(v: &VolumeInfo) -> Option<MoveClaim> {
-        v.tag(tags::MOVING).and_then(MoveClaim::parse)
-    }
-}
-
-fn superseded_by(v: &VolumeInfo) -> Option<&str> {
-    v.tag(tags::SUPERSEDED_BY).filter(|s| !s.is_empty())
 }
 
 pub async fn select<E: Ec2>(
@@ -123,19 +76,6 @@ pub async fn select<E: Ec2>(
         };
     }
     Ok(selected)
-}
-
-fn select_err(err: crate::cloud::CloudError) -> VolumeError {
-    VolumeError::Api {
-        step: Step::Select,
-        err,
-    }
-}
-
-async fn describe<E: Ec2>(ec2: &E, id: &str) -> Result<Option<VolumeInfo>, VolumeError> {
-    api("DescribeVolumes", || ec2.describe_volume(id))
-        .await
-        .map_err(select_err)
 }
 
 /// `volume.id`, and wherever the state went from there.
@@ -205,29 +145,6 @@ pub async fn follow_chain<E: Ec2>(ec2: &E, first: VolumeInfo) -> Result<VolumeIn
     Ok(v)
 }
 
-/// Is this instance running (or about to)? A gone instance is not.
-async fn is_live<E: Ec2>(ec2: &E, instance: &str) -> Result<bool, VolumeError> {
-    let i = api("DescribeInstances", || ec2.describe_instance(instance))
-        .await
-        .map_err(select_err)?;
-    Ok(i.is_some_and(|i| i.state.is_live()))
-}
-
-/// The copies made of `source` (volumes tagged `spotinit:moved-from=<source>`), not deleted.
-async fn copies_of<E: Ec2>(ec2: &E, source: &str) -> Result<Vec<VolumeInfo>, VolumeError> {
-    let filter = BTreeMap::from([(tags::MOVED_FROM.to_string(), source.to_string())]);
-    api("DescribeVolumes", || ec2.find_volumes(&filter))
-        .await
-        .map_err(select_err)
-}
-
-/// Racing copies agree on one winner: the oldest, then the lowest id.
-fn oldest<'a>(copies: impl IntoIterator<Item = &'a VolumeInfo>) -> Option<&'a VolumeInfo> {
-    copies
-        .into_iter()
-        .min_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)))
-}
-
 /// A volume under a move claim: wait while the claimant lives; when it is gone (or it is us,
 /// from an earlier try), finish its move if it left a copy, else keep the volume (the claim is
 /// cleared by [`confirm_current`] once the volume is ours).
@@ -287,9 +204,9 @@ fn orphan_reason(c: &VolumeInfo, found: &[VolumeInfo]) -> Option<String> {
         },
         // The source is gone (volume.delete_superseded): the oldest copy is its successor.
         None => {
-            let siblings = found
-                .iter()
-                .filter(|v| v.tag(tags::MOVED_FROM) == Some(source_id) && superseded_by(v).is_none());
+            let siblings = found.iter().filter(|v| {
+                v.tag(tags::MOVED_FROM) == Some(source_id) && superseded_by(v).is_none()
+            });
             let winner = oldest(siblings)?;
             (winner.id != c.id).then(|| {
                 format!(
@@ -387,19 +304,6 @@ async fn by_tags<E: Ec2>(
     }
 }
 
-/// One token per creation attempt, reused by its retries (EC2 keeps tokens for 24 hours).
-fn client_token(me: &Identity) -> String {
-    format!(
-        "spotinit-{}-{:016x}",
-        me.instance_id,
-        crate::retry::random_u64()
-    )
-}
-
-fn now() -> String {
-    super::layout::rfc3339(SystemTime::now())
-}
-
 async fn create<E: Ec2>(
     ec2: &E,
     cfg: &config::Volume,
@@ -442,36 +346,6 @@ async fn create<E: Ec2>(
     })
 }
 
-/// Polls until the volume is `available` (after creation) or attached elsewhere.
-async fn wait_available<E: Ec2>(
-    ec2: &E,
-    id: &str,
-    step: Step,
-    cfg: &config::Volume,
-) -> Result<VolumeInfo, VolumeError> {
-    let start = Instant::now();
-    let deadline = Duration::from_secs(cfg.attach_timeout_secs);
-    loop {
-        let v = api("DescribeVolumes", || ec2.describe_volume(id))
-            .await
-            .map_err(|err| VolumeError::Api { step, err })?;
-        match v {
-            Some(v) if v.state != VolumeState::Creating => return Ok(v),
-            Some(_) | None if start.elapsed() < deadline => {
-                // DescribeVolumes is eventually consistent: a new volume may be missing briefly.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            _ => {
-                return Err(VolumeError::Timeout {
-                    step,
-                    volume: id.into(),
-                    detail: format!("it was not available after {}", human(deadline)),
-                })
-            }
-        }
-    }
-}
-
 /// Sets the volume's `spotinit:format` tag (around its first mkfs).
 pub async fn set_format_tag<E: Ec2>(ec2: &E, id: &str, value: &str) -> Result<(), VolumeError> {
     tag(ec2, id, &[(tags::FORMAT, value)])
@@ -488,247 +362,6 @@ pub async fn set_format_tag<E: Ec2>(ec2: &E, id: &str, value: &str) -> Result<()
 /// `started by <instance> at <now>`.
 pub fn format_started(me: &Identity) -> String {
     format!("{FORMAT_STARTED} by {} at {}", me.instance_id, now())
-}
-
-async fn tag<E: Ec2>(ec2: &E, id: &str, tags: &[(&str, &str)]) -> Result<(), VolumeError> {
-    let tags: BTreeMap<String, String> = tags
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    api("CreateTags", || ec2.create_tags(id, &tags))
-        .await
-        .map_err(|err| VolumeError::Api {
-            step: Step::Move,
-            err,
-        })
-}
-
-async fn mark_superseded<E: Ec2>(ec2: &E, old: &str, new: &str) -> Result<(), VolumeError> {
-    tag(
-        ec2,
-        old,
-        &[(tags::SUPERSEDED_BY, new), (tags::SUPERSEDED_AT, &now())],
-    )
-    .await
-}
-
-/// Withdraws our claim on `source` if it is still ours (best effort: a stale claim of a gone
-/// instance is cleared by whoever takes the volume next).
-async fn withdraw_claim<E: Ec2>(ec2: &E, source: &str, claim: &MoveClaim) {
-    if let Ok(Some(v)) = describe(ec2, source).await {
-        if MoveClaim::of(&v).as_ref() == Some(claim) {
-            if let Err(e) = tag(ec2, source, &[(tags::MOVING, "")]).await {
-                crate::log!("volume: could not withdraw the move claim on {source}: {e}");
-            }
-        }
-    }
-}
-
-/// Drops a copy this instance made and never used: tagged superseded (so nobody takes it for
-/// state, and the IAM policy lets it be deleted), then deleted.
-async fn drop_copy<E: Ec2>(ec2: &E, copy: &str, continued_by: &str) {
-    if let Err(e) = mark_superseded(ec2, copy, continued_by).await {
-        crate::log!("volume: could not mark the dropped copy {copy}: {e}");
-    }
-    match api("DeleteVolume", || ec2.delete_volume(copy)).await {
-        Ok(()) => crate::log!("volume: deleted the dropped copy {copy}"),
-        Err(e) => crate::log!(
-            "volume: could not delete the dropped copy {copy} ({e}); it is tagged {}={continued_by} and never held state: delete it",
-            tags::SUPERSEDED_BY
-        ),
-    }
-}
-
-/// The seed's "snapshot and re-create in the other availability zone", automated, made
-/// exclusive (module docs). The new volume gets the identifying tags before the old one is
-/// marked superseded, so an interruption never leaves zero volumes to find.
-async fn move_here<E: Ec2>(
-    ec2: &E,
-    old: &VolumeInfo,
-    cfg: &config::Volume,
-    me: &Identity,
-) -> Result<VolumeInfo, VolumeError> {
-    let started = Instant::now();
-    crate::log!(
-        "volume: {} is in {}, this instance in {}: moving it here through a snapshot",
-        old.id,
-        old.zone,
-        me.zone
-    );
-    // A live instance uses it: nothing to claim.
-    attach::refuse_live_holder(ec2, old, me).await?;
-    // 1. Claim it, give the claim time to be seen, and read it back.
-    let claim = MoveClaim::new(me);
-    tag(ec2, &old.id, &[(tags::MOVING, &claim.value())]).await?;
-    tokio::time::sleep(SETTLE).await;
-    let now_old = describe(ec2, &old.id)
-        .await?
-        .ok_or_else(|| VolumeError::NotFound {
-            what: format!(
-                "state volume {} disappeared while this instance moved it",
-                old.id
-            ),
-            fix: "Someone deleted it; restore it from a snapshot".into(),
-        })?;
-    if let Some(by) = superseded_by(&now_old) {
-        return Err(VolumeError::Superseded {
-            volume: old.id.clone(),
-            by: by.to_string(),
-        });
-    }
-    match MoveClaim::of(&now_old) {
-        Some(c) if c == claim => {}
-        Some(c) => {
-            return Err(VolumeError::BeingMoved {
-                volume: old.id.clone(),
-                by: c.instance,
-                zone: c.zone,
-                since: c.since,
-            })
-        }
-        None => {
-            return Err(VolumeError::MoveAbandoned {
-                volume: old.id.clone(),
-                copy: "(none yet)".into(),
-                why: "its move claim was cleared by the instance that took it".into(),
-            })
-        }
-    }
-    // 2. Never copy state that a live instance is still using; wait out a dead holder.
-    let old = match attach::wait_unheld(ec2, &now_old, cfg, me).await {
-        Ok(v) => v,
-        Err(e) => {
-            withdraw_claim(ec2, &now_old.id, &claim).await;
-            return Err(e);
-        }
-    };
-    let snap_tags = BTreeMap::from([
-        ("spotinit:purpose".to_string(), "move".to_string()),
-        ("spotinit:volume".to_string(), old.id.clone()),
-        (tags::CREATED_BY.to_string(), me.instance_id.clone()),
-    ]);
-    let description = format!(
-        "spotinit: moving {} from {} to {} for {}",
-        old.id, old.zone, me.zone, me.instance_id
-    );
-    let snap = api("CreateSnapshot", || {
-        ec2.create_snapshot(&old.id, &description, &snap_tags)
-    })
-    .await
-    .map_err(|err| VolumeError::Api {
-        step: Step::Move,
-        err,
-    })?;
-    crate::log!("volume: snapshot {snap} of {} started", old.id);
-    attach::wait_snapshot(
-        ec2,
-        &snap,
-        &old.id,
-        Duration::from_secs(cfg.snapshot_timeout_secs),
-    )
-    .await?;
-    // The user's tags come along; spotinit's own describe the old volume's history, and AWS's
-    // (aws:cloudformation:..., aws:backup:...) are reserved: EC2 refuses them in CreateVolume.
-    let mut tags: BTreeMap<String, String> = old
-        .tags
-        .iter()
-        .filter(|(k, _)| !k.starts_with("spotinit:") && !is_reserved_tag_key(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    tags.insert(tags::MOVED_FROM.into(), old.id.clone());
-    tags.insert(tags::MOVE_CLAIM.into(), claim.value());
-    tags.insert(tags::CREATED_BY.into(), me.instance_id.clone());
-    tags.insert(tags::CREATED_AT.into(), now());
-    let spec = NewVolume {
-        zone: me.zone.clone(),
-        size_gib: old.size_gib,
-        volume_type: old.volume_type.clone(),
-        iops: if ["gp3", "io1", "io2"].contains(&old.volume_type.as_str()) {
-            old.iops
-        } else {
-            None
-        },
-        throughput_mibps: if old.volume_type == "gp3" {
-            old.throughput_mibps
-        } else {
-            None
-        },
-        encrypted: old.encrypted,
-        kms_key_id: old.kms_key_id.clone(),
-        snapshot_id: Some(snap.clone()),
-        tags,
-        client_token: Some(client_token(me)),
-    };
-    let new = api("CreateVolume", || ec2.create_volume(&spec))
-        .await
-        .map_err(|err| VolumeError::Api {
-            step: Step::Move,
-            err,
-        })?;
-    let new = wait_available(ec2, &new.id, Step::Move, cfg).await?;
-    // 3. Racing movers (claims that crossed unseen) agree on the oldest copy.
-    tokio::time::sleep(SETTLE).await;
-    let since = new.created_ms.unwrap_or(i64::MAX) - RACE_WINDOW.as_millis() as i64;
-    let racing = copies_of(ec2, &old.id).await?;
-    let contenders = racing.iter().filter(|c| {
-        c.id == new.id || (superseded_by(c).is_none() && c.created_ms.unwrap_or(0) >= since)
-    });
-    let winner = oldest(contenders)
-        .map(|w| w.id.clone())
-        .unwrap_or_else(|| new.id.clone());
-    if winner != new.id {
-        drop_copy(ec2, &new.id, &winner).await;
-        return Err(VolumeError::MoveLost {
-            volume: old.id.clone(),
-            copy: new.id,
-            winner,
-        });
-    }
-    // Nobody may have taken the source meanwhile: the copy would miss what they wrote.
-    let after = describe(ec2, &old.id).await?;
-    let taken = match &after {
-        None => Some("it was deleted".to_string()),
-        Some(a) => {
-            if let Some(h) = a.attachments.iter().find(|x| x.state != AttachmentState::Detached) {
-                Some(format!("instance {} attached it meanwhile", h.instance_id))
-            } else if MoveClaim::of(a).as_ref() != Some(&claim) {
-                Some("its move claim changed meanwhile".to_string())
-            } else {
-                None
-            }
-        }
-    };
-    if let Some(why) = taken {
-        drop_copy(ec2, &new.id, &old.id).await;
-        withdraw_claim(ec2, &old.id, &claim).await;
-        return Err(VolumeError::MoveAbandoned {
-            volume: old.id.clone(),
-            copy: new.id,
-            why,
-        });
-    }
-    // 4. From here on the copy is the state.
-    mark_superseded(ec2, &old.id, &new.id).await?;
-    crate::log!(
-        "volume: {} now continues as {} in {} (from snapshot {snap}, {}); {} is tagged {}={}",
-        old.id,
-        new.id,
-        me.zone,
-        human(started.elapsed()),
-        old.id,
-        tags::SUPERSEDED_BY,
-        new.id
-    );
-    if cfg.delete_superseded {
-        match api("DeleteVolume", || ec2.delete_volume(&old.id)).await {
-            Ok(()) => crate::log!(
-                "volume: deleted the superseded {} (volume.delete_superseded)",
-                old.id
-            ),
-            Err(e) => crate::log!("volume: could not delete the superseded {}: {e}", old.id),
-        }
-    }
-    Ok(new)
 }
 
 /// After attaching and before anything writes to it: the volume is still the state's current
@@ -775,88 +408,5 @@ pub async fn confirm_current<E: Ec2>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vol(id: &str, tags: &[(&str, &str)], created_ms: i64) -> VolumeInfo {
-        VolumeInfo {
-            id: id.into(),
-            zone: "us-east-1a".into(),
-            state: "available".into(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            created_ms: Some(created_ms),
-            ..VolumeInfo::default()
-        }
-    }
-
-    #[test]
-    fn claims_round_trip_and_an_empty_one_is_none() {
-        let c = MoveClaim {
-            instance: "i-1".into(),
-            zone: "us-east-1b".into(),
-            since: "2026-11-29T10:00:00Z".into(),
-        };
-        assert_eq!(MoveClaim::parse(&c.value()), Some(c));
-        assert_eq!(MoveClaim::parse(""), None);
-        assert_eq!(MoveClaim::parse("i-1 zone"), None);
-        assert_eq!(MoveClaim::parse("i-1 z t extra"), None);
-    }
-
-    #[test]
-    fn the_oldest_copy_wins_then_the_lowest_id() {
-        let a = vol("vol-b", &[], 100);
-        let b = vol("vol-a", &[], 100);
-        let c = vol("vol-0", &[], 200);
-        assert_eq!(oldest([&a, &b, &c]).unwrap().id, "vol-a");
-        assert_eq!(oldest([&c]).unwrap().id, "vol-0");
-    }
-
-    #[test]
-    fn copies_that_never_held_the_state_are_orphans() {
-        let claim = "i-1 us-east-1b 2026-11-29T10:00:00Z";
-        // The source is superseded by another copy: this one lost.
-        let s = vol("vol-s", &[(tags::SUPERSEDED_BY, "vol-w")], 1);
-        let w = vol("vol-w", &[(tags::MOVED_FROM, "vol-s")], 5);
-        let l = vol("vol-l", &[(tags::MOVED_FROM, "vol-s")], 6);
-        let found = [s.clone(), w.clone(), l.clone()];
-        assert!(orphan_reason(&w, &found).is_none());
-        assert!(orphan_reason(&l, &found)
-            .unwrap()
-            .contains("continues as vol-w"));
-        // The source was taken back (claim cleared or changed): the copy was abandoned.
-        let s = vol("vol-s", &[(tags::MOVING, "")], 1);
-        let c = vol(
-            "vol-c",
-            &[(tags::MOVED_FROM, "vol-s"), (tags::MOVE_CLAIM, claim)],
-            5,
-        );
-        assert!(orphan_reason(&c, &[s, c.clone()])
-            .unwrap()
-            .contains("abandoned"));
-        // A copy without a claim is not trusted either.
-        let s = vol("vol-s", &[], 1);
-        let c = vol("vol-c", &[(tags::MOVED_FROM, "vol-s")], 5);
-        assert!(orphan_reason(&c, &[s, c.clone()]).is_some());
-        // A move under way (the claims match) is not an orphan: it is resolved with its source.
-        let s = vol("vol-s", &[(tags::MOVING, claim)], 1);
-        let c = vol(
-            "vol-c",
-            &[(tags::MOVED_FROM, "vol-s"), (tags::MOVE_CLAIM, claim)],
-            5,
-        );
-        assert!(orphan_reason(&c, &[s, c.clone()]).is_none());
-        // The source is gone: the oldest copy continues it, the others lost.
-        let a = vol("vol-a", &[(tags::MOVED_FROM, "vol-gone")], 5);
-        let b = vol("vol-b", &[(tags::MOVED_FROM, "vol-gone")], 7);
-        let found = [a.clone(), b.clone()];
-        assert!(orphan_reason(&a, &found).is_none());
-        assert!(orphan_reason(&b, &found)
-            .unwrap()
-            .contains("lost a move race to vol-a"));
-        // Not a copy at all.
-        assert!(orphan_reason(&vol("vol-x", &[], 1), &[]).is_none());
-    }
-}
+#[path = "select_tests.rs"]
+mod tests;

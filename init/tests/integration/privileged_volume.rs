@@ -11,10 +11,10 @@ use crate::common::{
     create_tagged, fast, find_program, has_cap, mount_at, mounts_under, notice, privileged, sh,
     sparse_file, vcfg, write_at, InstanceParts, Loop, Ns, Plug, Spy, World,
 };
-use spotinit::machine::{BootState, Machine, Mode, Request, Then};
 use spotinit::cloud::ec2::Ec2Client;
 use spotinit::config;
 use spotinit::host;
+use spotinit::machine::{BootState, Machine, Mode, Request, Then};
 use spotinit::run::Aws;
 use spotinit::shutdown::drain;
 use spotinit::sys::{Linux, MountSpec, MsFlags, Paths, System};

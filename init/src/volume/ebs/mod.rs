@@ -1,0 +1,96 @@
+//! The real volume phase on EBS, step by step: select → attach → confirm → disk → filesystem →
+//! mount → record. Progress is kept in the struct, so a retry resumes and a release after a
+//! partial acquire undoes exactly what was done.
+//!
+//! The struct and its progress are here; `phase` runs the steps in order (acquire, release),
+//! `disk` finds the disk and prepares its filesystem, `mount` mounts it and keeps the record,
+//! `put_away` unmounts what lives on it before the detach.
+
+mod disk;
+mod mount;
+mod phase;
+mod put_away;
+
+use super::device::DeviceWatcher;
+use super::Mounted;
+use crate::cloud::{Ec2, Identity, VolumeInfo};
+use crate::config;
+use crate::critical::Critical;
+use crate::sys::{Paths, System};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct EbsVolume<E: Ec2, S: System> {
+    ec2: Arc<E>,
+    sys: Arc<S>,
+    paths: Paths,
+    cfg: config::Volume,
+    storage_driver: String,
+    me: Identity,
+    devices: DeviceWatcher,
+    critical: Critical,
+    // Progress.
+    volume_id: Option<String>,
+    /// The volume as EC2 last described it: its tags say how it may be formatted.
+    info: Option<VolumeInfo>,
+    created: bool,
+    attach_requested: bool,
+    /// Read again after attaching: still the state's current home, no live move claim.
+    confirmed: bool,
+    needs_full_check: bool,
+    device: Option<PathBuf>,
+    /// What we mounted, in order (the volume, then the binds).
+    mounts: Vec<PathBuf>,
+    mounted: Option<Mounted>,
+}
+
+impl<E: Ec2, S: System> EbsVolume<E, S> {
+    /// `devices` must be open before the first attach so the disk's arrival is seen.
+    pub fn new(
+        ec2: Arc<E>,
+        sys: Arc<S>,
+        paths: Paths,
+        cfg: config::Volume,
+        storage_driver: String,
+        me: Identity,
+        devices: DeviceWatcher,
+    ) -> Self {
+        EbsVolume {
+            ec2,
+            sys,
+            paths,
+            cfg,
+            storage_driver,
+            me,
+            devices,
+            critical: Critical::default(),
+            volume_id: None,
+            info: None,
+            created: false,
+            attach_requested: false,
+            confirmed: false,
+            needs_full_check: false,
+            device: None,
+            mounts: Vec::new(),
+            mounted: None,
+        }
+    }
+
+    pub fn volume_id(&self) -> Option<&str> {
+        self.volume_id.as_deref()
+    }
+
+    fn vol(&self) -> String {
+        self.volume_id
+            .clone()
+            .unwrap_or_else(|| "(none yet)".into())
+    }
+
+    fn mode(&self) -> String {
+        config::variant_name(&self.cfg.mode)
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
