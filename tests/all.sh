@@ -20,8 +20,17 @@ step "image"
 image/build.sh
 step "tests"
 # One test binary at a time: several end-to-end tests boot VMs, and two cores are all we have.
-# setup.sh made sure this runs as root: a privileged test that cannot run is a failure here.
-SPOTINIT_PRIVILEGED=1 cargo test --release --workspace --no-fail-fast -- --test-threads=1
+# setup.sh made sure this runs as root: a privileged test that cannot run is a failure here,
+# unless all it lacks is a capability this root's bounding set does not have (a sandbox):
+# named here, and the tests needing it say SKIPPED.
+without=()
+capbnd=$(awk '/^CapBnd/ {print $2}' /proc/self/status)
+if (((16#$capbnd >> 24) & 1)); then :; else without+=(CAP_SYS_RESOURCE); fi
+if ((${#without[@]})); then
+    echo "all.sh: this root lacks ${without[*]} (capability bounding set $capbnd): the online filesystem-grow test cannot run here and is skipped" >&2
+fi
+SPOTINIT_PRIVILEGED=1 SPOTINIT_PRIVILEGED_WITHOUT=$(IFS=,; echo "${without[*]}") \
+    cargo test --release --workspace --no-fail-fast -- --test-threads=1
 step "a short campaign: three hard kills (before attach, while attaching, in the first mkfs) and a race under throttling; the full one is a benchmark (README)"
 cargo run --release -p spotworld --bin campaign -- --kills 3 --graceful 0 --races 1 --moves 0
 step "a short fuzzing run: every target 5 s from its seeds (AFL++ fails on any seed that crashes)"
