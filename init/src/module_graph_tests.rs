@@ -1,11 +1,13 @@
-//! The modules of this crate import each other without circles: a module that two others
-//! share lives in its own file (as `machine` does for the boot, the drain, the lifecycle and
-//! the power events), never in one of the modules acting on it.
+//! The modules of this crate import each other without circles: a type that two modules share
+//! lives in a module of its own that both import (as `machine` does for the boot, the drain, the
+//! lifecycle and the power events, or `sys::system` for `sys`'s children), never in one of the
+//! modules acting on it. A parent counts as importing a child when it names `child::`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Module path (`boot`, `services::engine`) → its source, tests left out.
+/// Module path (`boot`, `services::engine`; `""` for the crate root) → its code, with comments,
+/// string literals and the unit tests left out.
 fn modules() -> BTreeMap<String, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut out = BTreeMap::new();
@@ -30,100 +32,208 @@ fn modules() -> BTreeMap<String, String> {
                 parts.pop();
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            // What only the tests use does not count.
-            let code = text
-                .split("#[cfg(test)]\nmod tests")
-                .next()
-                .unwrap()
-                .to_owned();
-            out.insert(parts.join("::"), code);
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            out.insert(parts.join("::"), code_only(code));
         }
     }
     out
 }
 
-/// The modules `code` (of module `name`) refers to through `crate::` or `super::` paths.
-fn references(name: &str, code: &str, known: &BTreeMap<String, String>) -> BTreeSet<String> {
-    let ident = |s: &str| -> String {
-        s.chars()
-            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-            .collect()
-    };
-    let mut found = BTreeSet::new();
-    let parent = name.rsplit_once("::").map(|(p, _)| p.to_owned());
-    for (prefix, base) in [("crate::", None), ("super::", parent.as_deref())] {
-        for (i, _) in code.match_indices(prefix) {
-            let rest = &code[i + prefix.len()..];
-            let first = ident(rest);
-            if first.is_empty() {
-                continue;
+/// `text` without `//` comments and with string literals emptied.
+fn code_only(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                }
             }
-            // `super::` of a top-level module is the crate root.
-            let head = match base {
-                Some(parent) => format!("{parent}::{first}"),
-                None => first.clone(),
-            };
-            let after = &rest[first.len()..];
-            let deeper = after
-                .strip_prefix("::")
-                .map(ident)
-                .filter(|s| !s.is_empty())
-                .map(|second| format!("{head}::{second}"));
-            let target = match deeper {
-                Some(d) if known.contains_key(&d) => d,
-                _ => head,
-            };
-            if target != name && known.contains_key(&target) {
-                found.insert(target);
+            '"' => {
+                out.push_str("\"\"");
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
             }
+            _ => out.push(c),
         }
     }
+    out
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// The lower-case segments of a path starting at `rest` (`a::b::Type` → `[a, b]`).
+fn segments(rest: &str) -> Vec<String> {
+    let mut segs = Vec::new();
+    let mut rest = rest;
+    loop {
+        let seg: String = rest.chars().take_while(|c| is_ident(*c)).collect();
+        if seg.is_empty() || !seg.starts_with(|c: char| c.is_ascii_lowercase()) {
+            break;
+        }
+        segs.push(seg.clone());
+        match rest[seg.len()..].strip_prefix("::") {
+            Some(r) => rest = r,
+            None => break,
+        }
+    }
+    segs
+}
+
+/// The deepest known module along `base::segs`.
+fn resolve(base: &str, segs: &[String], known: &BTreeMap<String, String>) -> String {
+    let mut at = base.to_owned();
+    for seg in segs {
+        let next = if at.is_empty() {
+            seg.clone()
+        } else {
+            format!("{at}::{seg}")
+        };
+        if !known.contains_key(&next) {
+            break;
+        }
+        at = next;
+    }
+    at
+}
+
+/// The modules `code` (of module `name`) uses: through `crate::` and `super::` paths (a
+/// `super::{..}` or `super::Type` is the parent itself), and its children named as `child::`.
+fn references(name: &str, code: &str, known: &BTreeMap<String, String>) -> BTreeSet<String> {
+    let parent = name.rsplit_once("::").map_or("", |(p, _)| p);
+    let mut found = BTreeSet::new();
+    for (prefix, base) in [("crate::", ""), ("super::", parent)] {
+        for (i, _) in code.match_indices(prefix) {
+            if code[..i].ends_with(is_ident) {
+                continue;
+            }
+            let segs = segments(&code[i + prefix.len()..]);
+            found.insert(resolve(base, &segs, known));
+        }
+    }
+    for child in known.keys() {
+        let Some(short) = child
+            .strip_prefix(name)
+            .map(|c| c.trim_start_matches("::"))
+            .filter(|c| {
+                !c.is_empty()
+                    && !c.contains("::")
+                    && (name.is_empty() || child.starts_with(&format!("{name}::")))
+            })
+        else {
+            continue;
+        };
+        let needle = format!("{short}::");
+        let named = code.match_indices(&needle).any(|(i, _)| {
+            let before = &code[..i];
+            !before.ends_with(is_ident) && (!before.ends_with("::") || before.ends_with("self::"))
+        });
+        if named {
+            found.insert(child.clone());
+        }
+    }
+    found.remove(name);
     found
 }
 
-#[test]
-fn no_two_modules_import_each_other_directly_or_around_a_loop() {
-    let modules = modules();
-    assert!(modules.contains_key("boot") && modules.contains_key("services::engine"));
-    let graph: BTreeMap<&str, BTreeSet<String>> = modules
-        .iter()
-        .map(|(name, code)| (name.as_str(), references(name, code, &modules)))
-        .collect();
-    // From every module, walk what it imports; reaching itself again is a circle.
+/// A circle in `graph`, if there is one: the path from a module back to itself.
+fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     for start in graph.keys() {
         let mut seen = BTreeSet::new();
         let mut stack: Vec<(String, Vec<String>)> = graph[start]
             .iter()
-            .map(|n| (n.clone(), vec![start.to_string(), n.clone()]))
+            .map(|n| (n.clone(), vec![start.clone(), n.clone()]))
             .collect();
         while let Some((at, path)) = stack.pop() {
-            assert!(
-                at != *start,
-                "modules import each other in a circle: {}",
-                path.join(" → ")
-            );
+            if at == *start {
+                return Some(path);
+            }
             if !seen.insert(at.clone()) {
                 continue;
             }
-            for next in graph.get(at.as_str()).into_iter().flatten() {
+            for next in graph.get(&at).into_iter().flatten() {
                 let mut p = path.clone();
                 p.push(next.clone());
                 stack.push((next.clone(), p));
             }
         }
     }
+    None
 }
 
 #[test]
-fn the_reference_reader_sees_crate_and_super_paths() {
-    let known: BTreeMap<String, String> = ["boot", "services", "services::engine", "machine"]
-        .into_iter()
-        .map(|m| (m.to_owned(), String::new()))
+fn no_two_modules_import_each_other_directly_or_around_a_loop() {
+    let modules = modules();
+    assert!(modules.contains_key("boot") && modules.contains_key("services::engine"));
+    let graph: BTreeMap<String, BTreeSet<String>> = modules
+        .iter()
+        .map(|(name, code)| (name.clone(), references(name, code, &modules)))
         .collect();
-    let code = "use crate::machine::{Machine};\nuse super::engine::Engine;\ncrate::boot::boot();";
-    let refs = references("services::containers", code, &known);
+    if let Some(path) = circle(&graph) {
+        panic!(
+            "modules import each other in a circle: {}",
+            path.join(" → ")
+        );
+    }
+}
+
+#[test]
+fn a_circle_is_found_however_long() {
+    let graph = |edges: &[(&str, &str)]| {
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (a, b) in edges {
+            g.entry(a.to_string()).or_default().insert(b.to_string());
+            g.entry(b.to_string()).or_default();
+        }
+        g
+    };
+    assert_eq!(circle(&graph(&[("a", "b"), ("b", "c")])), None);
+    assert!(circle(&graph(&[("boot", "shutdown"), ("shutdown", "boot")])).is_some());
+    let long = circle(&graph(&[("a", "b"), ("b", "c"), ("c", "d"), ("d", "b")])).unwrap();
+    assert_eq!(long.first(), long.last());
+}
+
+#[test]
+fn the_reader_sees_every_kind_of_reference_and_no_comment() {
+    let known: BTreeMap<String, String> = [
+        "",
+        "boot",
+        "machine",
+        "services",
+        "services::engine",
+        "services::containers",
+        "sys",
+        "sys::linux",
+    ]
+    .into_iter()
+    .map(|m| (m.to_owned(), String::new()))
+    .collect();
+    let code = code_only(
+        "use crate::machine::{Machine};\nuse super::engine::Engine;\nuse super::{A, B};\n\
+         // crate::boot::boot() in a comment\nlet s = \"crate::sys\";\n",
+    );
+    let refs = references("services::containers", &code, &known);
     assert_eq!(
         refs.into_iter().collect::<Vec<_>>(),
-        ["boot", "machine", "services::engine"]
+        ["machine", "services", "services::engine"]
     );
+    // A parent naming its child.
+    let refs = references("sys", "pub use linux::Linux;\nmod linux;", &known);
+    assert_eq!(refs.into_iter().collect::<Vec<_>>(), ["sys::linux"]);
+    // A path through something else's child is not the parent naming its own.
+    let refs = references("sys", "nix::linux::x();", &known);
+    assert!(refs.is_empty(), "{refs:?}");
 }

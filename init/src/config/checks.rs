@@ -9,7 +9,7 @@ use super::forms::{
     depth, has_control, is_device_name, is_hostname, is_kms_key, is_pem, is_region,
     is_registry_host, is_resource_id, is_url, shown, ssh_key_problem, time_server_problem,
 };
-use super::{Config, VolumeMode};
+use super::model::{Config, VolumeMode};
 
 /// How deep `docker.daemon` may nest (daemon.json has no setting deeper than 4).
 pub const MAX_DAEMON_DEPTH: usize = 16;

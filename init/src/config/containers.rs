@@ -265,7 +265,7 @@ pub fn problems(containers: &[Container]) -> Vec<(String, String)> {
         }
         if c.hostname
             .as_deref()
-            .is_some_and(|h| !super::is_hostname(h))
+            .is_some_and(|h| !super::forms::is_hostname(h))
         {
             p.push((key("hostname"), "an RFC 1123 host name".into()));
         }

@@ -5,7 +5,8 @@
 //! Messages never echo a value: user data is readable by anyone with console access, and a
 //! value may be a secret. Keys, lines and the expected form are enough to fix it.
 
-use super::{Config, ConfigError, Source};
+use super::error::{ConfigError, Source};
+use super::model::Config;
 
 /// EC2 refuses user data over 16 KB; larger text is not spotinit's configuration.
 pub const MAX_TEXT_BYTES: usize = 16 << 10;

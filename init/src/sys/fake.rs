@@ -1,7 +1,7 @@
 //! A recording [`System`] for tests: every call is appended to a log of [`Op`]s in order, and
 //! spawned programs behave as scripted (exit at once, run until signalled, ignore SIGTERM).
 
-use super::{
+use super::system::{
     Child, CommandSpec, MountSpec, MsFlags, Pid, PowerAction, Signal, SysError, SysResult, System,
 };
 use nix::errno::Errno;

@@ -3,7 +3,7 @@
 //! spotinit: a bind carries the device of the filesystem it comes from, a mount with another
 //! mount below it cannot be unmounted (EBUSY), a read-only remount changes the whole filesystem.
 
-use super::{MountSpec, MsFlags};
+use super::system::{MountSpec, MsFlags};
 use nix::errno::Errno;
 use std::path::{Path, PathBuf};
 

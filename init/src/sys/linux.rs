@@ -1,6 +1,6 @@
 //! The real system calls. Each one names what it did in its error.
 
-use super::{
+use super::system::{
     Child, CommandSpec, MountSpec, MsFlags, Output, Pid, PowerAction, Signal, SysError, SysResult,
     System,
 };

@@ -3,7 +3,7 @@
 //! that the collector holds while it calls waitpid, so a child that exits before `spawn` returns
 //! is never missed (the kata-containers agent pattern).
 
-use super::Pid;
+use super::system::Pid;
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -64,7 +64,7 @@ impl Reaper {
                     drop(table);
                     crate::log!(
                         "reaped orphan process {pid} ({})",
-                        super::describe_exit(status)
+                        super::system::describe_exit(status)
                     );
                 }
             }

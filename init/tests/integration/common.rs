@@ -673,7 +673,9 @@ fn excused(needs: &[&str]) -> bool {
         .collect();
     nix::unistd::geteuid().is_root()
         && !lacking.is_empty()
-        && lacking.iter().all(|cap| named.split(',').any(|n| n == **cap))
+        && lacking
+            .iter()
+            .all(|cap| named.split(',').any(|n| n == **cap))
 }
 
 /// A privileged test that cannot run here: skipped with a line of its own (even amid the
