@@ -61,7 +61,9 @@ impl Registry {
         std::fs::create_dir_all(dir.join("storage"))
             .map_err(|e| Error::new(format!("create {}: {e}", dir.display())))?;
         let config = pki.client_config().map_err(Error::new)?;
-        let port = free_port()?;
+        // Free a moment ago: the registry binds it itself.
+        let port = crate::moto::free_port()
+            .map_err(|e| Error::new(format!("bind a loopback port: {e}")))?;
         let mut registry = Registry {
             dir: dir.to_path_buf(),
             port,
@@ -316,15 +318,6 @@ fn count_fetches(log: &str, path: &str) -> usize {
                 .is_some_and(|(_, after)| after.starts_with("200 "))
         })
         .count()
-}
-
-/// A port free on the loopback now (the registry binds it itself a moment later).
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::new(format!("bind a loopback port: {e}")))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::new(e.to_string()))
 }
 
 #[cfg(test)]

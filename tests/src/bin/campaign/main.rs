@@ -28,7 +28,7 @@
 //! (a lower count, no counter although the lineage had one, a record line `boot N` not above
 //! every earlier boot of the lineage, a mkfs or a new record on a lineage with state, a losing
 //! racer that started Docker); the volume attached twice (overlapping attachments in the
-//! fidelity layer's history) or mounted twice (overlapping "volume: <id> mounted" to
+//! fidelity layer's history) or mounted twice (overlapping `volume: <id> mounted` to
 //! unmount/kill/power-off intervals on two consoles); state forks (more than one live,
 //! unsuperseded volume of the lineage that an instance reached ready on); the worst time from the
 //! kill (or the notice) to the successor's ready. A run whose expectations could not be checked
