@@ -658,7 +658,7 @@ where
     }
     if let Some(why) = cannot_run(ns, needs) {
         let required = std::env::var(REQUIRED_ENV).as_deref() == Ok("1") && !excused(needs);
-        skip_or_fail(name, &why, required);
+        skip_or_fail(name, &why, required, &mut std::io::stderr());
         return;
     }
     outer(name, ns, timeout);
@@ -680,11 +680,11 @@ fn excused(needs: &[&str]) -> bool {
 
 /// A privileged test that cannot run here: skipped with a line of its own (even amid the
 /// harness's `test ... ok` output), or, in a run meant to be privileged, failed.
-pub fn skip_or_fail(name: &str, why: &str, required: bool) {
+pub fn skip_or_fail(name: &str, why: &str, required: bool, out: &mut dyn Write) {
     if required {
         panic!("{name} cannot run: {why}. {REQUIRED_ENV}=1 says this run is privileged, so that is a failure, not a skip");
     }
-    let _ = writeln!(std::io::stderr(), "\nSKIPPED {name}: {why}");
+    let _ = writeln!(out, "\nSKIPPED {name}: {why}");
 }
 
 /// Is `p` an existing path, or a program on PATH or in the sbin directories?

@@ -818,8 +818,9 @@ fn pivot_child(paths: &Paths, vol: &Path, mounted: &Mounted, volume_dev: &str) {
 /// The harness itself: where the run is meant to be privileged, a test that cannot run fails.
 #[test]
 fn a_run_meant_to_be_privileged_fails_a_test_that_cannot_run() {
+    let why = "needs root (the harness's own check)";
     let failed = std::panic::catch_unwind(|| {
-        crate::common::skip_or_fail("some_test", "needs root (the harness's own check)", true)
+        crate::common::skip_or_fail("some_test", why, true, &mut Vec::new())
     });
     let message = failed.expect_err("a failure, not a skip");
     let text = message.downcast_ref::<String>().unwrap();
@@ -827,6 +828,11 @@ fn a_run_meant_to_be_privileged_fails_a_test_that_cannot_run() {
         text.contains("some_test") && text.contains(crate::common::REQUIRED_ENV),
         "{text}"
     );
-    // Elsewhere it is a skip, said on stderr.
-    crate::common::skip_or_fail("some_test", "needs root (the harness's own check)", false);
+    // Elsewhere it is a skip, said on its own line.
+    let mut said = Vec::new();
+    crate::common::skip_or_fail("some_test", why, false, &mut said);
+    assert_eq!(
+        String::from_utf8(said).unwrap(),
+        format!("\nSKIPPED some_test: {why}\n")
+    );
 }
