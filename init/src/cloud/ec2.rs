@@ -3,6 +3,7 @@
 
 use super::{
     Attachment, CloudError, Ec2, ErrorKind, InstanceInfo, NewVolume, SnapshotInfo, VolumeInfo,
+    VolumeSpec,
 };
 use aws_sdk_ec2::config::{BehaviorVersion, Region, SharedCredentialsProvider};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
@@ -131,36 +132,46 @@ fn tag_filters(tags: &BTreeMap<String, String>) -> Vec<Filter> {
         .collect()
 }
 
+/// The fields a `Volume` (DescribeVolumes) and a `CreateVolumeOutput` share, read the same way.
+macro_rules! volume_fields {
+    ($v:expr, $attachments:expr) => {
+        VolumeInfo {
+            id: $v.volume_id().unwrap_or_default().into(),
+            zone: $v.availability_zone().unwrap_or_default().into(),
+            state: $v.state().map(|s| s.as_str().into()).unwrap_or_default(),
+            spec: VolumeSpec {
+                size_gib: $v.size().unwrap_or_default().max(0) as u32,
+                volume_type: $v
+                    .volume_type()
+                    .map(|t| t.as_str().to_string())
+                    .unwrap_or_default(),
+                iops: $v.iops().map(|i| i.max(0) as u32),
+                throughput_mibps: $v.throughput().map(|i| i.max(0) as u32),
+                encrypted: $v.encrypted().unwrap_or(false),
+                kms_key_id: $v.kms_key_id().map(str::to_string),
+            },
+            snapshot_id: $v
+                .snapshot_id()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+            tags: tags_map($v.tags()),
+            attachments: $attachments,
+            created_ms: $v.create_time().map(|t| t.to_millis().unwrap_or(i64::MAX)),
+        }
+    };
+}
+
 fn volume_info(v: &aws_sdk_ec2::types::Volume) -> VolumeInfo {
-    VolumeInfo {
-        id: v.volume_id().unwrap_or_default().into(),
-        zone: v.availability_zone().unwrap_or_default().into(),
-        state: v.state().map(|s| s.as_str().into()).unwrap_or_default(),
-        size_gib: v.size().unwrap_or_default().max(0) as u32,
-        volume_type: v
-            .volume_type()
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default(),
-        iops: v.iops().map(|i| i.max(0) as u32),
-        throughput_mibps: v.throughput().map(|i| i.max(0) as u32),
-        encrypted: v.encrypted().unwrap_or(false),
-        kms_key_id: v.kms_key_id().map(str::to_string),
-        snapshot_id: v
-            .snapshot_id()
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
-        tags: tags_map(v.tags()),
-        attachments: v
-            .attachments()
-            .iter()
-            .map(|a| Attachment {
-                instance_id: a.instance_id().unwrap_or_default().into(),
-                device: a.device().unwrap_or_default().into(),
-                state: a.state().map(|s| s.as_str().into()).unwrap_or_default(),
-            })
-            .collect(),
-        created_ms: v.create_time().map(|t| t.to_millis().unwrap_or(i64::MAX)),
-    }
+    let attachments = v
+        .attachments()
+        .iter()
+        .map(|a| Attachment {
+            instance_id: a.instance_id().unwrap_or_default().into(),
+            device: a.device().unwrap_or_default().into(),
+            state: a.state().map(|s| s.as_str().into()).unwrap_or_default(),
+        })
+        .collect();
+    volume_fields!(v, attachments)
 }
 
 fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> SnapshotInfo {
@@ -214,22 +225,22 @@ impl Ec2 for Ec2Client {
             .client
             .create_volume()
             .availability_zone(&v.zone)
-            .size(v.size_gib as i32)
-            .volume_type(VolumeType::from(v.volume_type.as_str()))
-            .encrypted(v.encrypted)
+            .size(v.spec.size_gib as i32)
+            .volume_type(VolumeType::from(v.spec.volume_type.as_str()))
+            .encrypted(v.spec.encrypted)
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Volume)
                     .set_tags(Some(tag_list(&v.tags)))
                     .build(),
             );
-        if let Some(i) = v.iops {
+        if let Some(i) = v.spec.iops {
             req = req.iops(i as i32);
         }
-        if let Some(t) = v.throughput_mibps {
+        if let Some(t) = v.spec.throughput_mibps {
             req = req.throughput(t as i32);
         }
-        if let Some(k) = &v.kms_key_id {
+        if let Some(k) = &v.spec.kms_key_id {
             req = req.kms_key_id(k);
         }
         if let Some(s) = &v.snapshot_id {
@@ -242,27 +253,8 @@ impl Ec2 for Ec2Client {
             .send()
             .await
             .map_err(|e| sdk_error("CreateVolume", &target, e))?;
-        Ok(VolumeInfo {
-            id: out.volume_id().unwrap_or_default().into(),
-            zone: out.availability_zone().unwrap_or_default().into(),
-            state: out.state().map(|s| s.as_str().into()).unwrap_or_default(),
-            size_gib: out.size().unwrap_or_default().max(0) as u32,
-            volume_type: out
-                .volume_type()
-                .map(|t| t.as_str().to_string())
-                .unwrap_or_default(),
-            iops: out.iops().map(|i| i.max(0) as u32),
-            throughput_mibps: out.throughput().map(|i| i.max(0) as u32),
-            encrypted: out.encrypted().unwrap_or(false),
-            kms_key_id: out.kms_key_id().map(str::to_string),
-            snapshot_id: out
-                .snapshot_id()
-                .filter(|s| !s.is_empty())
-                .map(str::to_string),
-            tags: tags_map(out.tags()),
-            attachments: Vec::new(),
-            created_ms: out.create_time().map(|t| t.to_millis().unwrap_or(i64::MAX)),
-        })
+        // Just created: attached to nothing yet.
+        Ok(volume_fields!(out, Vec::new()))
     }
 
     async fn delete_volume(&self, id: &str) -> Result<(), CloudError> {

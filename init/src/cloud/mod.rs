@@ -81,17 +81,37 @@ pub struct Attachment {
     pub state: AttachmentState,
 }
 
+/// What a volume is, as CreateVolume takes it and DescribeVolumes returns it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VolumeInfo {
-    pub id: String,
-    pub zone: String,
-    pub state: VolumeState,
+pub struct VolumeSpec {
     pub size_gib: u32,
+    /// gp3, gp2, io1, io2, st1, sc1, standard.
     pub volume_type: String,
     pub iops: Option<u32>,
     pub throughput_mibps: Option<u32>,
     pub encrypted: bool,
     pub kms_key_id: Option<String>,
+}
+
+impl VolumeSpec {
+    /// The same volume again (a copy in another zone): IOPS and throughput only for the types
+    /// that take them, since CreateVolume refuses them for the others.
+    pub fn for_copy(&self) -> VolumeSpec {
+        let t = self.volume_type.as_str();
+        VolumeSpec {
+            iops: self.iops.filter(|_| ["gp3", "io1", "io2"].contains(&t)),
+            throughput_mibps: self.throughput_mibps.filter(|_| t == "gp3"),
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: String,
+    pub zone: String,
+    pub state: VolumeState,
+    pub spec: VolumeSpec,
     pub snapshot_id: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub attachments: Vec<Attachment>,
@@ -141,12 +161,7 @@ pub fn is_reserved_tag_key(key: &str) -> bool {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NewVolume {
     pub zone: String,
-    pub size_gib: u32,
-    pub volume_type: String,
-    pub iops: Option<u32>,
-    pub throughput_mibps: Option<u32>,
-    pub encrypted: bool,
-    pub kms_key_id: Option<String>,
+    pub spec: VolumeSpec,
     pub snapshot_id: Option<String>,
     pub tags: BTreeMap<String, String>,
     /// Idempotency token: a retried CreateVolume whose first try did reach EC2 returns the
@@ -341,6 +356,34 @@ impl std::error::Error for CloudError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_keeps_the_volume_and_drops_what_its_type_does_not_take() {
+        let gp3 = VolumeSpec {
+            size_gib: 100,
+            volume_type: "gp3".into(),
+            iops: Some(4000),
+            throughput_mibps: Some(250),
+            encrypted: true,
+            kms_key_id: Some("alias/state".into()),
+        };
+        assert_eq!(gp3.for_copy(), gp3);
+        let io2 = VolumeSpec {
+            volume_type: "io2".into(),
+            ..gp3.clone()
+        };
+        assert_eq!(io2.for_copy().iops, Some(4000));
+        assert_eq!(io2.for_copy().throughput_mibps, None);
+        // gp2 reports a baseline IOPS figure that CreateVolume would refuse.
+        let gp2 = VolumeSpec {
+            volume_type: "gp2".into(),
+            ..gp3.clone()
+        };
+        let copy = gp2.for_copy();
+        assert_eq!((copy.iops, copy.throughput_mibps), (None, None));
+        assert_eq!((copy.size_gib, copy.encrypted), (100, true));
+        assert_eq!(copy.kms_key_id.as_deref(), Some("alias/state"));
+    }
 
     #[test]
     fn codes_classify() {

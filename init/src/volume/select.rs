@@ -27,7 +27,7 @@ use super::lineage::{
 use super::zone_move::move_here;
 use super::{Step, VolumeError};
 use crate::cloud::tags;
-use crate::cloud::{describe_tags, Ec2, Identity, NewVolume, VolumeInfo, VolumeState};
+use crate::cloud::{describe_tags, Ec2, Identity, NewVolume, VolumeInfo, VolumeSpec, VolumeState};
 use crate::config;
 
 pub use super::lineage::{MoveClaim, SETTLE};
@@ -99,8 +99,8 @@ async fn by_id<E: Ec2>(ec2: &E, id: &str, me: &Identity) -> Result<VolumeInfo, V
         "volume: using {} ({}, {} GiB {}, {})",
         v.id,
         v.zone,
-        v.size_gib,
-        v.volume_type,
+        v.spec.size_gib,
+        v.spec.volume_type,
         v.state
     );
     Ok(v)
@@ -278,8 +278,8 @@ async fn by_tags<E: Ec2>(
                 "volume: found {} {what} ({}, {} GiB {}, {})",
                 v.id,
                 v.zone,
-                v.size_gib,
-                v.volume_type,
+                v.spec.size_gib,
+                v.spec.volume_type,
                 v.state
             );
             Ok(Selected {
@@ -314,12 +314,14 @@ async fn create<E: Ec2>(
     tags.insert(tags::CREATED_AT.into(), now());
     let spec = NewVolume {
         zone: me.zone.clone(),
-        size_gib: cfg.size_gib,
-        volume_type: cfg.volume_type.clone(),
-        iops: cfg.iops,
-        throughput_mibps: cfg.throughput_mibps,
-        encrypted: cfg.encrypted,
-        kms_key_id: cfg.kms_key_id.clone(),
+        spec: VolumeSpec {
+            size_gib: cfg.size_gib,
+            volume_type: cfg.volume_type.clone(),
+            iops: cfg.iops,
+            throughput_mibps: cfg.throughput_mibps,
+            encrypted: cfg.encrypted,
+            kms_key_id: cfg.kms_key_id.clone(),
+        },
         snapshot_id: None,
         tags,
         client_token: Some(client_token(me)),

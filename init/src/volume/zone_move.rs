@@ -148,20 +148,7 @@ pub(super) async fn move_here<E: Ec2>(
     tags.insert(tags::CREATED_AT.into(), now());
     let spec = NewVolume {
         zone: me.zone.clone(),
-        size_gib: old.size_gib,
-        volume_type: old.volume_type.clone(),
-        iops: if ["gp3", "io1", "io2"].contains(&old.volume_type.as_str()) {
-            old.iops
-        } else {
-            None
-        },
-        throughput_mibps: if old.volume_type == "gp3" {
-            old.throughput_mibps
-        } else {
-            None
-        },
-        encrypted: old.encrypted,
-        kms_key_id: old.kms_key_id.clone(),
+        spec: old.spec.for_copy(),
         snapshot_id: Some(snap.clone()),
         tags,
         client_token: Some(client_token(me)),
