@@ -71,6 +71,15 @@ fi
 # Kernel messages about hot-plug are worth seeing; the boot chatter before this point is not.
 echo 6 > /proc/sys/kernel/printk
 read pwr0 rest < /sys/firmware/acpi/interrupts/ff_pwr_btn
+# Commands are read by a blocking reader of their own: busybox's `read -t` checks its deadline
+# before each byte and drops what it has read when the deadline passes mid-line.
+# (A background job's stdin is /dev/null unless given, hence fd 3.)
+exec 3<&0
+while read -r tag cmd <&3; do
+  echo "guest: run $tag: $cmd"
+  eval "$cmd"
+  echo "guest: done $tag rc=$?"
+done &
 echo "guest: ready uptime=$(cut -d' ' -f1 /proc/uptime) date=$(date -u +%Y-%m-%dT%H:%M:%S)"
 known=""
 while :; do
@@ -97,12 +106,7 @@ while :; do
     sync
     poweroff -f
   fi
-  # Also the 100 ms poll interval.
-  if read -t 0.1 tag cmd; then
-    echo "guest: run $tag: $cmd"
-    eval "$cmd"
-    echo "guest: done $tag rc=$?"
-  fi
+  sleep 0.1
 done
 "#;
 
