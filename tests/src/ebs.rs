@@ -246,6 +246,33 @@ impl EbsBridge {
         })
     }
 
+    /// Grows the backing file. A VM it is plugged into keeps the old size until its next
+    /// attach: QEMU's NVMe namespace has no online resize.
+    fn resize_volume(&self, volume_id: &str, size_gib: u64) -> Result<(), String> {
+        let what = format!("resize volume {volume_id} to {size_gib} GiB");
+        let file = self
+            .checked_file("volume", volume_id)
+            .map_err(|e| format!("{what}: {e}"))?;
+        let size = size_gib
+            .checked_mul(GIB)
+            .ok_or_else(|| format!("{what}: size overflows"))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map_err(|e| format!("{what}: open {}: {e}", file.display()))?;
+        let len = f
+            .metadata()
+            .map_err(|e| format!("{what}: {}: {e}", file.display()))?
+            .len();
+        if size < len {
+            return Err(format!(
+                "{what}: it has {len} bytes, and volumes do not shrink"
+            ));
+        }
+        f.set_len(size)
+            .map_err(|e| format!("{what}: size {} to {size} bytes: {e}", file.display()))
+    }
+
     async fn attach_volume(&self, instance_id: &str, volume_id: &str) -> Result<(), String> {
         let what = format!("attach volume {volume_id} to instance {instance_id}");
         let file = self
@@ -378,6 +405,14 @@ impl EbsHooks for EbsBridge {
         volume_id: &'a str,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(self.create_snapshot(snapshot_id, volume_id))
+    }
+
+    fn volume_resized<'a>(
+        &'a self,
+        volume_id: &'a str,
+        size_gib: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.resize_volume(volume_id, size_gib) })
     }
 
     fn attach<'a>(

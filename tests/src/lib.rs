@@ -46,6 +46,13 @@ pub trait EbsHooks: Send + Sync + 'static {
         snapshot_id: &'a str,
         volume_id: &'a str,
     ) -> BoxFuture<'a, Result<(), String>>;
+    /// A modification of `volume_id` reached its new size: the block device grows to `size_gib`
+    /// (an attached guest sees it at its next attach: QEMU's NVMe namespaces do not resize live).
+    fn volume_resized<'a>(
+        &'a self,
+        volume_id: &'a str,
+        size_gib: u64,
+    ) -> BoxFuture<'a, Result<(), String>>;
     /// Make the volume appear in the instance; return once the guest could see it.
     fn attach<'a>(
         &'a self,
@@ -75,6 +82,9 @@ impl EbsHooks for NoDevices {
         Box::pin(async { Ok(()) })
     }
     fn snapshot_created<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn volume_resized<'a>(&'a self, _: &'a str, _: u64) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
     fn attach<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), String>> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
     Filter, InstanceStateName, ResourceType, SnapshotState, Tag, TagSpecification,
-    VolumeAttachmentState, VolumeState,
+    VolumeAttachmentState, VolumeModificationState, VolumeState,
 };
 use spotworld::fidelity::{AttachmentEnd, Fault, Fidelity, Settings};
 use spotworld::moto::MotoServer;
@@ -98,6 +98,17 @@ impl EbsHooks for RecordingHooks {
         })
     }
 
+    fn volume_resized<'a>(
+        &'a self,
+        volume_id: &'a str,
+        size_gib: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.record(format!("volume_resized {volume_id} {size_gib}"));
+            Ok(())
+        })
+    }
+
     fn attach<'a>(
         &'a self,
         instance_id: &'a str,
@@ -159,6 +170,8 @@ fn fast_settings() -> Settings {
         snapshot_duration: Duration::from_millis(2000),
         shutting_down: Duration::from_millis(1000),
         release_after_termination: Duration::from_secs(3),
+        modification_modifying: Duration::from_millis(1000),
+        modification_optimizing: Duration::from_millis(1000),
         ..Settings::default()
     }
 }
@@ -1075,6 +1088,143 @@ async fn a_snapshot_is_pending_with_rising_progress_then_completed() {
         .hooks
         .events()
         .contains(&format!("volume_created {copy} 8 {snapshot}")));
+}
+
+/// ModifyVolume goes through EC2's states, the block device grows when it reaches `optimizing`,
+/// and what EC2 refuses is refused: a second modification while one runs or within six hours, a
+/// smaller size, an attach while `modifying`, an unknown volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modification_is_modifying_then_optimizing_then_completed_and_grows_the_device() {
+    let w = world(fast_settings()).await;
+    let volume = w.create_volume(ZONE_A, 1).await;
+    let instance = w.run_instance(ZONE_A).await;
+    let out = w
+        .ec2
+        .modify_volume()
+        .volume_id(&volume)
+        .size(2)
+        .send()
+        .await
+        .expect("ModifyVolume");
+    let m = out.volume_modification().expect("a modification");
+    assert_eq!(
+        m.modification_state(),
+        Some(&VolumeModificationState::Modifying)
+    );
+    assert_eq!((m.original_size(), m.target_size()), (Some(1), Some(2)));
+    assert_eq!(m.progress(), Some(0));
+    assert!(m.end_time().is_none(), "no end time while it runs");
+
+    let again = w
+        .ec2_once
+        .modify_volume()
+        .volume_id(&volume)
+        .size(3)
+        .send()
+        .await
+        .expect_err("a second modification while one runs");
+    assert_eq!(again.code(), Some("IncorrectModificationState"));
+    assert_eq!(
+        again.message(),
+        Some(
+            format!("Volume {volume} cannot be modified in modification state MODIFYING").as_str()
+        )
+    );
+    assert_eq!(
+        w.attach_error(&volume, &instance, "/dev/sdf").await,
+        (
+            "OperationNotPermitted".to_string(),
+            format!("Cannot attach volume {volume} when it is in modification state: MODIFYING")
+        )
+    );
+
+    let mut seen = Vec::new();
+    let mut resized_before_optimizing = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = w
+            .ec2
+            .describe_volumes_modifications()
+            .volume_ids(&volume)
+            .send()
+            .await
+            .expect("DescribeVolumesModifications");
+        let m = &out.volumes_modifications()[0];
+        let state = m.modification_state().expect("a state").clone();
+        if state == VolumeModificationState::Optimizing && resized_before_optimizing.is_none() {
+            resized_before_optimizing = Some(
+                w.hooks
+                    .events()
+                    .contains(&format!("volume_resized {volume} 2")),
+            );
+        }
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        if state == VolumeModificationState::Completed {
+            assert_eq!(m.progress(), Some(100));
+            assert!(m.end_time().is_some(), "a completed modification has ended");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not completed after 10 s: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        seen,
+        vec![
+            VolumeModificationState::Modifying,
+            VolumeModificationState::Optimizing,
+            VolumeModificationState::Completed
+        ]
+    );
+    assert_eq!(
+        resized_before_optimizing,
+        Some(true),
+        "the device grows as the modification reaches optimizing"
+    );
+
+    // Six hours must pass before the next one; the volume attaches now.
+    let rate = w
+        .ec2_once
+        .modify_volume()
+        .volume_id(&volume)
+        .size(3)
+        .send()
+        .await
+        .expect_err("a modification within six hours of the last");
+    assert_eq!(rate.code(), Some("VolumeModificationRateExceeded"));
+    w.attach(&volume, &instance, "/dev/sdf").await;
+
+    let bigger = w.create_volume(ZONE_A, 4).await;
+    let shrink = w
+        .ec2_once
+        .modify_volume()
+        .volume_id(&bigger)
+        .size(3)
+        .send()
+        .await
+        .expect_err("a smaller size");
+    assert_eq!(shrink.code(), Some("InvalidParameterValue"));
+    assert_eq!(
+        shrink.message(),
+        Some("New size cannot be smaller than existing size")
+    );
+
+    let unknown = w
+        .ec2_once
+        .describe_volumes_modifications()
+        .volume_ids("vol-0123456789abcdef0")
+        .send()
+        .await
+        .expect_err("an unknown volume");
+    assert_eq!(unknown.code(), Some("InvalidVolume.NotFound"));
+    assert_eq!(
+        unknown.message(),
+        Some("The volume 'vol-0123456789abcdef0' does not exist.")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

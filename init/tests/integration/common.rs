@@ -120,6 +120,19 @@ impl EbsHooks for Disks {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move { self.copy(vol, snap) })
     }
+    fn volume_resized<'a>(
+        &'a self,
+        vol: &'a str,
+        size_gib: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.image(vol))
+                .map_err(|e| e.to_string())?;
+            f.set_len(size_gib << 30).map_err(|e| e.to_string())
+        })
+    }
     fn attach<'a>(&'a self, instance: &'a str, vol: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let root = self

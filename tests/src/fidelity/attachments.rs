@@ -8,7 +8,7 @@ use crate::query::{format_time, xml_escape, Ec2Error, Params, EC2_XMLNS};
 
 use super::dispatch::Reply;
 use super::errors::required;
-use super::state::{Shared, VolumePhase};
+use super::state::{ModificationState, Shared, VolumePhase};
 use super::{Attachment, AttachmentEnd};
 
 impl Shared {
@@ -50,6 +50,15 @@ impl Shared {
                 return Err(Ec2Error::new(
                     "IncorrectState",
                     format!("{volume_id} is not 'available'."),
+                ));
+            }
+            if state.modification_state(volume_id, now) == Some(ModificationState::Modifying) {
+                // ansible-collections/amazon.aws#1558.
+                return Err(Ec2Error::new(
+                    "OperationNotPermitted",
+                    format!(
+                        "Cannot attach volume {volume_id} when it is in modification state: MODIFYING"
+                    ),
                 ));
             }
             if !volume.attachments.is_empty() || state.volumes.contains_key(volume_id) {

@@ -101,6 +101,11 @@ impl Shared {
             "CreateSnapshot" => self.create_snapshot(params, authorization).await,
             "TerminateInstances" => self.terminate_instances(params, request_id).await,
             "DeleteVolume" => self.delete_volume(params, authorization).await,
+            "ModifyVolume" => self.modify_volume(params, authorization).await,
+            "DescribeVolumesModifications" => {
+                self.describe_volumes_modifications(params, authorization)
+                    .await
+            }
             _ => self.forward(params, authorization).await,
         }
     }

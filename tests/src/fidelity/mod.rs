@@ -7,7 +7,7 @@
 //! attached volumes at once. This layer parses each request's `Action`, checks what EC2 checks,
 //! forwards to moto, and overlays moto's answers with its own state (one mutex): attach and
 //! detach latency (with the block-device hooks inside it), volumes `creating`, snapshots
-//! `pending` with rising `progress`, instances `shutting-down` then `terminated` while their
+//! `pending` with rising `progress`, volume modifications `modifying` then `optimizing`, instances `shutting-down` then `terminated` while their
 //! volumes stay held, and injected faults. Guests under QEMU user networking reach it as
 //! `10.0.2.2:PORT`.
 //!
@@ -16,7 +16,7 @@
 //! One file per part: the pacing ([`Settings`]), what the layer records ([`Request`],
 //! [`Attachment`]), its state beside moto's (`state`), request dispatch and the clock check
 //! (`dispatch`, `skew`), injected faults (`faults`), calls to moto (`forward`), and the actions
-//! it handles itself: `attachments`, `termination`, `create_delete`, `describe`.
+//! it handles itself: `attachments`, `termination`, `create_delete`, `describe`, `modify`.
 
 mod attachments;
 mod create_delete;
@@ -26,6 +26,7 @@ mod errors;
 mod faults;
 mod forward;
 mod history;
+mod modify;
 mod settings;
 mod skew;
 mod state;

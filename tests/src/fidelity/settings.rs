@@ -20,6 +20,12 @@ pub struct Settings {
     pub shutting_down: Duration,
     /// After a termination, its volumes stay attached this long before they are `available`.
     pub release_after_termination: Duration,
+    /// A ModifyVolume is `modifying` this long; the block device has its new size at the end.
+    pub modification_modifying: Duration,
+    /// Then `optimizing` this long (the volume is usable at its new size), then `completed`.
+    pub modification_optimizing: Duration,
+    /// How long after a modification started the next one is refused (EC2: six hours).
+    pub modification_cooldown: Duration,
     /// The account in ARNs and error messages (moto's default).
     pub account_id: String,
     /// The role named in `UnauthorizedOperation` messages.
@@ -35,6 +41,9 @@ impl Default for Settings {
             snapshot_duration: Duration::from_secs(3),
             shutting_down: Duration::from_secs(3),
             release_after_termination: Duration::from_secs(20),
+            modification_modifying: Duration::from_secs(2),
+            modification_optimizing: Duration::from_secs(4),
+            modification_cooldown: Duration::from_secs(6 * 3600),
             account_id: DEFAULT_ACCOUNT_ID.to_string(),
             role_name: crate::imds::DEFAULT_ROLE_NAME.to_string(),
         }

@@ -44,6 +44,65 @@ pub(super) struct State {
     pub(super) moto_requests: Vec<Request>,
     /// Every attachment that reached moto, in the order they did.
     pub(super) attachments: Vec<Attachment>,
+    /// Each volume's modifications, in the order they were made.
+    pub(super) modifications: HashMap<String, Vec<Modification>>,
+}
+
+/// One ModifyVolume: `modifying` until `optimizing_at` and until the block device has its new
+/// size, `optimizing` until `completed_at`, then `completed` (or `failed`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Modification {
+    pub(super) started: Instant,
+    pub(super) optimizing_at: Instant,
+    pub(super) completed_at: Instant,
+    pub(super) resized: bool,
+    pub(super) failed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ModificationState {
+    Modifying,
+    Optimizing,
+    Completed,
+    Failed,
+}
+
+impl ModificationState {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ModificationState::Modifying => "modifying",
+            ModificationState::Optimizing => "optimizing",
+            ModificationState::Completed => "completed",
+            ModificationState::Failed => "failed",
+        }
+    }
+}
+
+impl Modification {
+    pub(super) fn state(&self, now: Instant) -> ModificationState {
+        if self.failed {
+            ModificationState::Failed
+        } else if now < self.optimizing_at || !self.resized {
+            ModificationState::Modifying
+        } else if now < self.completed_at {
+            ModificationState::Optimizing
+        } else {
+            ModificationState::Completed
+        }
+    }
+
+    /// 0 to 100 over the whole modification; 100 once it has ended either way.
+    pub(super) fn progress(&self, now: Instant) -> u32 {
+        match self.state(now) {
+            ModificationState::Completed | ModificationState::Failed => 100,
+            _ => {
+                let total = self.completed_at.saturating_duration_since(self.started);
+                let elapsed = now.saturating_duration_since(self.started);
+                let percent = elapsed.as_secs_f64() / total.as_secs_f64().max(1e-9) * 100.0;
+                (percent as u32).min(99)
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +222,15 @@ impl State {
         }
     }
 
+    /// The state of the volume's latest modification, if it has one.
+    pub(super) fn modification_state(
+        &self,
+        volume_id: &str,
+        now: Instant,
+    ) -> Option<ModificationState> {
+        Some(self.modifications.get(volume_id)?.last()?.state(now))
+    }
+
     /// The progress (0..=99) of a snapshot still pending, `None` once completed.
     pub(super) fn snapshot_progress(&self, snapshot_id: &str, now: Instant) -> Option<u32> {
         let (started, duration) = self.snapshots.get(snapshot_id)?;
@@ -196,6 +264,29 @@ mod tests {
             None
         );
         assert_eq!(state.snapshot_progress("snap-unknown", start), None);
+    }
+
+    #[test]
+    fn a_modification_is_modifying_until_resized_then_optimizing_then_completed() {
+        let start = Instant::now();
+        let mut m = Modification {
+            started: start,
+            optimizing_at: start + Duration::from_secs(2),
+            completed_at: start + Duration::from_secs(4),
+            resized: false,
+            failed: false,
+        };
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(m.state(at(1)), ModificationState::Modifying);
+        assert_eq!(m.progress(at(1)), 25);
+        // The block device has not grown yet: still modifying past the planned time.
+        assert_eq!(m.state(at(3)), ModificationState::Modifying);
+        m.resized = true;
+        assert_eq!(m.state(at(3)), ModificationState::Optimizing);
+        assert_eq!(m.state(at(4)), ModificationState::Completed);
+        assert_eq!(m.progress(at(4)), 100);
+        m.failed = true;
+        assert_eq!(m.state(at(1)), ModificationState::Failed);
     }
 
     #[test]
