@@ -26,7 +26,8 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
-pub use phase::{BootError, PhaseFailure};
+pub use background::ImdsRulesError;
+pub use phase::{BootError, PhaseError};
 pub use start::start_ssh;
 
 /// The boot, as the list of its phases; each is a function below (or in `start`), in this
@@ -139,9 +140,8 @@ async fn bring_up_the_host<S: System>(
 ) -> Result<Background, BootError> {
     let (sys, paths) = (&*m.sys, &m.paths);
     phase("hostname and loopback", async {
-        sys.set_hostname(early.hostname.as_deref().unwrap_or("spotinit"))
-            .map_err(|e| e.to_string())?;
-        sys.interface_up("lo").map_err(|e| e.to_string())
+        sys.set_hostname(early.hostname.as_deref().unwrap_or("spotinit"))?;
+        sys.interface_up("lo")
     })
     .await?;
     let (nic, tried) = phase(
@@ -181,9 +181,7 @@ async fn configure<P: Platform>(
     early: &EarlyConfig,
 ) -> Result<(Config, Identity, P::Meta), BootError> {
     let (config, identity, meta) = phase("configuration", async {
-        let meta = platform
-            .metadata(early.config.imds_endpoint.as_deref())
-            .map_err(|e| e.to_string())?;
+        let meta = platform.metadata(early.config.imds_endpoint.as_deref())?;
         let identity = imds_retry("instance identity", || meta.identity()).await?;
         let user_data = imds_retry("user data", || meta.user_data()).await?;
         let config = Config::load(
@@ -192,7 +190,7 @@ async fn configure<P: Platform>(
             early.image_file.as_deref(),
         )
         .map_err(BootError::Config)?;
-        Ok::<_, PhaseFailure>((config, identity, meta))
+        Ok::<_, PhaseError>((config, identity, meta))
     })
     .await?;
     crate::log!(
@@ -234,12 +232,12 @@ fn start_the_imds_firewall<S: System>(
     m: &Machine<S>,
     config: &Config,
     early: &Config,
-) -> Option<tokio::task::JoinHandle<Result<String, String>>> {
+) -> Option<tokio::task::JoinHandle<Result<String, ImdsRulesError>>> {
     let wanted = m.mode == Mode::Pid1 && config.docker.enabled && config.docker.block_imds;
     wanted.then(|| {
         let ipv6 = config.docker.daemon.get("ipv6") == Some(&toml::Value::Boolean(true));
         let (sys, endpoint) = (m.sys.clone(), early.imds_endpoint.clone());
-        tokio::spawn(async move { docker::block_imds(&*sys, endpoint.as_deref(), ipv6).await })
+        tokio::spawn(async move { Ok(docker::block_imds(&*sys, endpoint.as_deref(), ipv6).await?) })
     })
 }
 
@@ -275,9 +273,9 @@ async fn take_the_volume<P: Platform>(
             Some(
                 platform
                     .volume(config, identity, meta)
-                    .map_err(|message| BootError::Phase {
+                    .map_err(|e| BootError::Phase {
                         phase: "volume",
-                        message,
+                        source: Box::new(e.into()),
                     })?,
             );
     }
@@ -297,7 +295,6 @@ async fn enter_the_persisted_root<S: System>(
     let (sys, paths) = (&*m.sys, &m.paths);
     phase("persisted root", async {
         volume::pivot::into(sys, paths, &paths.p(volume::layout::VOLUME_MOUNT))
-            .map_err(|e| e.to_string())
     })
     .await?;
     crate::log!("persisted root: / is now rootfs/ of the state volume");
@@ -306,7 +303,10 @@ async fn enter_the_persisted_root<S: System>(
         if let Err(e) = sys.exec(std::path::Path::new(init), &[]) {
             return Err(BootError::Phase {
                 phase: "persisted root",
-                message: format!("cannot start {init} (volume.root_init): {e}"),
+                source: Box::new(PhaseError::RootInit {
+                    init: init.clone(),
+                    source: e,
+                }),
             });
         }
     }
@@ -337,7 +337,7 @@ fn announce_ready<S: System, P: Platform>(
 }
 
 /// IMDS right after the network came up can be briefly unreachable: retry for a minute.
-async fn imds_retry<T, F, Fut>(what: &str, f: F) -> Result<T, PhaseFailure>
+async fn imds_retry<T, F, Fut>(what: &'static str, f: F) -> Result<T, PhaseError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<T, CloudError>>,
@@ -348,7 +348,7 @@ where
         .for_at_most(Duration::from_secs(60));
     crate::cloud::with_retries(&retry, f)
         .await
-        .map_err(|e| PhaseFailure::Message(format!("cannot read {what} from IMDS: {e}")))
+        .map_err(|source| PhaseError::Imds { what, source })
 }
 
 /// The volume phase with the failure policy's retries: a failure that may pass (a holder

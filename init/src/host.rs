@@ -1,11 +1,38 @@
 //! The machine-local steps of the boot: early mounts, hostname, loopback, kernel modules, and
 //! the network through a supervised DHCP client.
 
-use crate::services::{ServiceSpec, Supervisor};
-use crate::sys::{Child, CommandSpec, MountSpec, MsFlags, Paths, System};
+use crate::services::{LaunchError, ServiceSpec, Supervisor};
+use crate::sys::{
+    Child, CommandError, CommandSpec, FileError, MountSpec, MsFlags, Paths, SysError, System,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Why the early mounts or the network failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("ln -s {target} {link}: {source}")]
+    Link {
+        target: &'static str,
+        link: &'static str,
+        source: std::io::Error,
+    },
+    #[error("network interface {0} (network.interface) does not exist")]
+    NoSuchInterface(String),
+    #[error(
+        "no network interface appeared (is the NIC driver, e.g. ena or virtio_net, in the image?)"
+    )]
+    NoInterface,
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("no DHCP lease on {iface} within {within} (network.dhcp_timeout_secs); see /var/log/spotinit/dhcp-{iface}.log")]
+    NoLease { iface: String, within: String },
+}
 
 /// (fstype, source, target, flags, data) of every mount PID 1 makes before anything else.
 pub fn early_mount_table() -> Vec<(
@@ -52,7 +79,7 @@ pub fn early_mount_table() -> Vec<(
 
 /// Makes the early mounts (skipping any already there, e.g. left by an initrd), and the
 /// directories and links the read-only root cannot carry. Returns the mount points made.
-pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<PathBuf>, String> {
+pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<PathBuf>, HostError> {
     let mut made = Vec::new();
     for (fstype, source, target, flags, data) in early_mount_table() {
         let already: Vec<PathBuf> = crate::sys::mounts(paths)
@@ -64,8 +91,7 @@ pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<Pa
             continue;
         }
         let _ = std::fs::create_dir_all(&path);
-        sys.mount(&MountSpec::fs(fstype, source, path.clone(), flags, data))
-            .map_err(|e| e.to_string())?;
+        sys.mount(&MountSpec::fs(fstype, source, path.clone(), flags, data))?;
         made.push(path);
     }
     let dirs = [
@@ -79,7 +105,7 @@ pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<Pa
         "/run/lock",
     ];
     for d in dirs {
-        std::fs::create_dir_all(paths.p(d)).map_err(|e| format!("mkdir {d}: {e}"))?;
+        std::fs::create_dir_all(paths.p(d)).map_err(FileError::at("mkdir", d))?;
     }
     let links = [
         ("../run", "/var/run"),
@@ -92,8 +118,11 @@ pub fn early_mounts<S: System + ?Sized>(sys: &S, paths: &Paths) -> Result<Vec<Pa
     for (target, link) in links {
         let l = paths.p(link);
         if std::fs::symlink_metadata(&l).is_err() {
-            std::os::unix::fs::symlink(target, &l)
-                .map_err(|e| format!("ln -s {target} {link}: {e}"))?;
+            std::os::unix::fs::symlink(target, &l).map_err(|source| HostError::Link {
+                target,
+                link,
+                source,
+            })?;
         }
     }
     Ok(made)
@@ -151,7 +180,7 @@ pub async fn load_device_drivers<S: System + ?Sized>(
     sys: &S,
     paths: &Paths,
     mut tried: Vec<String>,
-) -> Result<String, String> {
+) -> Result<String, HostError> {
     let given = tried.len();
     let mut passes = 0;
     loop {
@@ -187,7 +216,7 @@ pub fn is_network_alias(alias: &str) -> bool {
 pub async fn load_network_drivers<S: System + ?Sized>(
     sys: &S,
     paths: &Paths,
-) -> Result<(String, Vec<String>), String> {
+) -> Result<(String, Vec<String>), HostError> {
     let mut tried: Vec<String> = Vec::new();
     for _ in 0..3 {
         let fresh: Vec<String> = modaliases(paths)
@@ -205,17 +234,17 @@ pub async fn load_network_drivers<S: System + ?Sized>(
 
 /// Docker's modules, loading while the network, the configuration and the volume proceed:
 /// nothing before Docker needs them. [`DockerModules::wait`] before starting Docker.
-pub struct DockerModules(Result<Child, String>);
+pub struct DockerModules(Result<Child, CommandError>);
 
 impl DockerModules {
     pub fn start<S: System + ?Sized>(sys: &S) -> Self {
         let cmd = CommandSpec::new("/usr/sbin/modprobe")
             .args(["-a", "-q"])
             .args(DOCKER_MODULES);
-        DockerModules(
-            sys.spawn(&cmd)
-                .map_err(|e| format!("cannot start {}: {e}", cmd.display())),
-        )
+        DockerModules(sys.spawn(&cmd).map_err(|source| CommandError::Start {
+            command: cmd.display(),
+            source,
+        }))
     }
 
     /// A line for the console: loaded, or what went wrong (not fatal: Docker says what it
@@ -230,7 +259,7 @@ impl DockerModules {
                     crate::sys::describe_exit(s)
                 ),
             },
-            Err(e) => e,
+            Err(e) => e.to_string(),
         }
     }
 }
@@ -296,7 +325,7 @@ pub async fn network<S: System + ?Sized>(
     supervisor: &Supervisor,
     configured: Option<&str>,
     timeout: Duration,
-) -> Result<String, String> {
+) -> Result<String, HostError> {
     let start = Instant::now();
     let iface = loop {
         if let Some(i) = pick_interface(paths, configured) {
@@ -304,13 +333,13 @@ pub async fn network<S: System + ?Sized>(
         }
         if start.elapsed() > Duration::from_secs(20) {
             return Err(match configured {
-                Some(i) => format!("network interface {i} (network.interface) does not exist"),
-                None => "no network interface appeared (is the NIC driver, e.g. ena or virtio_net, in the image?)".into(),
+                Some(i) => HostError::NoSuchInterface(i.to_string()),
+                None => HostError::NoInterface,
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    sys.interface_up(&iface).map_err(|e| e.to_string())?;
+    sys.interface_up(&iface)?;
     let lease_file = paths.p("/run/spotinit").join(format!("dhcp-{iface}.env"));
     let _ = std::fs::remove_file(&lease_file);
     supervisor.launch(dhcp_client(&iface, paths)).await?;
@@ -331,10 +360,10 @@ pub async fn network<S: System + ?Sized>(
             ));
         }
         if start.elapsed() > timeout {
-            return Err(format!(
-                "no DHCP lease on {iface} within {} (network.dhcp_timeout_secs); see /var/log/spotinit/dhcp-{iface}.log",
-                crate::console::human(timeout)
-            ));
+            return Err(HostError::NoLease {
+                iface,
+                within: crate::console::human(timeout),
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -6,7 +6,7 @@ use crate::cloud::{CloudError, Identity, Metadata};
 use crate::config::Config;
 use crate::services::Supervisor;
 use crate::sys::{Paths, System};
-use crate::volume::{Mounted, VolumePhase};
+use crate::volume::{Mounted, VolumeError, VolumePhase};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,7 +67,7 @@ pub trait Platform {
         cfg: &Config,
         identity: &Identity,
         meta: &Self::Meta,
-    ) -> Result<Self::Volume, String>;
+    ) -> Result<Self::Volume, VolumeError>;
     /// What the watcher hands on to the upkeep of the state volume (the instance events).
     type Events: Send + 'static;
     /// Starts watching for spot notices (and other instance events) once IMDS is known: a

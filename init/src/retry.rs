@@ -28,12 +28,15 @@ pub struct Retry {
 pub type Announce = fn(&str, &dyn std::fmt::Display, Duration, Duration);
 
 /// Why a retried operation ended without success.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RetryError<E> {
     /// The operation said this error is final.
+    #[error(transparent)]
     Failed(E),
     /// The deadline passed; the last error seen.
+    #[error("{last} (gave up after {} and {attempts} attempts)", crate::console::human(*after))]
     TimedOut {
+        #[source]
         last: E,
         after: Duration,
         attempts: u32,

@@ -21,6 +21,8 @@ use crate::volume::device::DeviceWatcher;
 #[cfg(feature = "aws")]
 use crate::volume::ebs::EbsVolume;
 #[cfg(feature = "aws")]
+use crate::volume::VolumeError;
+#[cfg(feature = "aws")]
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -66,11 +68,15 @@ impl<S: System> Platform for Aws<S> {
         Imds::new(endpoint)
     }
 
-    fn volume(&self, cfg: &Config, me: &Identity, meta: &Imds) -> Result<Self::Volume, String> {
+    fn volume(
+        &self,
+        cfg: &Config,
+        me: &Identity,
+        meta: &Imds,
+    ) -> Result<Self::Volume, VolumeError> {
         let ec2 = self.ec2(cfg, me, meta);
         // Listen for disks before the first AttachVolume, so the hot-plug cannot be missed.
-        let devices = DeviceWatcher::open(&self.paths)
-            .map_err(|e| format!("cannot listen for kernel device events: {e}"))?;
+        let devices = DeviceWatcher::open(&self.paths).map_err(VolumeError::DeviceEvents)?;
         Ok(EbsVolume::new(
             ec2,
             self.sys.clone(),

@@ -185,7 +185,7 @@ impl Platform for FakeCloud {
             user_data: self.user_data.clone(),
         })
     }
-    fn volume(&self, _: &Config, _: &Identity, _: &FakeMeta) -> Result<FakeVolume, String> {
+    fn volume(&self, _: &Config, _: &Identity, _: &FakeMeta) -> Result<FakeVolume, VolumeError> {
         Ok(FakeVolume {
             critical: crate::critical::Critical::default(),
             fake: self.fake.clone(),

@@ -6,6 +6,15 @@ use crate::sys::{Paths, System};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// Why the IMDS firewall rules are not in.
+#[derive(Debug, thiserror::Error)]
+pub enum ImdsRulesError {
+    #[error(transparent)]
+    Command(#[from] crate::sys::CommandError),
+    #[error("the task installing them ended: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
 /// What runs in the background while the boot goes on; Docker waits for all of it.
 #[derive(Default)]
 pub(super) struct Background {
@@ -14,17 +23,14 @@ pub(super) struct Background {
     /// The other device drivers, then the power button.
     pub(super) coldplug: Option<tokio::task::JoinHandle<()>>,
     /// The firewall rules that keep containers away from IMDS.
-    pub(super) imds_rules: Option<tokio::task::JoinHandle<Result<String, String>>>,
+    pub(super) imds_rules: Option<tokio::task::JoinHandle<Result<String, ImdsRulesError>>>,
 }
 
 impl Background {
     /// The firewall rules' outcome, once they are in (None: not asked for).
-    pub(super) async fn imds_rules_in(&mut self) -> Option<Result<String, String>> {
+    pub(super) async fn imds_rules_in(&mut self) -> Option<Result<String, ImdsRulesError>> {
         match self.imds_rules.take() {
-            Some(task) => Some(
-                task.await
-                    .unwrap_or_else(|e| Err(format!("the task installing them ended: {e}"))),
-            ),
+            Some(task) => Some(task.await.unwrap_or_else(|e| Err(ImdsRulesError::Task(e)))),
             None => None,
         }
     }

@@ -2,7 +2,8 @@
 //! the declared containers after `ready`, and SSH for the operator.
 
 use super::background::Background;
-use super::phase::{phase, BootError};
+use super::background::ImdsRulesError;
+use super::phase::{phase, BootError, PhaseError};
 use crate::cloud::Metadata;
 use crate::config::{Config, VolumeMode};
 use crate::console::human;
@@ -23,7 +24,7 @@ pub(super) async fn start_docker<S: System, P: Platform>(
     st: &mut BootState<P>,
     config: &Config,
     background: Background,
-    imds_rules: Option<Result<String, String>>,
+    imds_rules: Option<Result<String, ImdsRulesError>>,
 ) -> Result<(), BootError> {
     let paths = &m.paths;
     if let Some(mounted) = &st.mounted {
@@ -35,9 +36,7 @@ pub(super) async fn start_docker<S: System, P: Platform>(
         verify(paths, mounted, &config.docker.storage_driver).map_err(|message| {
             BootError::Phase {
                 phase: "docker state check",
-                message: format!(
-                    "{message}; refusing to start Docker on anything but the state volume"
-                ),
+                source: Box::new(PhaseError::DockerState(message)),
             }
         })?;
     }
@@ -46,7 +45,7 @@ pub(super) async fn start_docker<S: System, P: Platform>(
     let containerd_started = Instant::now();
     phase("containerd", async {
         m.supervisor.launch(docker::containerd(paths)).await?;
-        Ok::<_, String>(())
+        Ok::<_, PhaseError>(())
     })
     .await?;
     phase("dockerd", async {
@@ -60,7 +59,7 @@ pub(super) async fn start_docker<S: System, P: Platform>(
             );
         }
         docker::write_daemon_json(paths, &config.docker, tls.as_ref())
-            .map_err(|e| e.to_string())?;
+            .map_err(PhaseError::DaemonJson)?;
         for host in docker::tcp_hosts(&config.docker) {
             if tls.is_some() {
                 crate::log!("docker: the Engine API listens on tcp://{host} with TLS; clients need a certificate of the configured CA");
@@ -69,13 +68,11 @@ pub(super) async fn start_docker<S: System, P: Platform>(
             }
         }
         // Before dockerd, which starts the containers: they never run without the rules.
-        match &imds_rules {
+        match imds_rules {
             Some(Ok(r)) => crate::log!(
                 "docker: containers cannot reach IMDS ({r} rejected; docker.block_imds)"
             ),
-            Some(Err(e)) => return Err(format!(
-                "cannot install the firewall rules that keep containers away from IMDS: {e}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly"
-            )),
+            Some(Err(e)) => return Err(PhaseError::ImdsRules(e)),
             None => {}
         }
         m.supervisor
@@ -86,15 +83,13 @@ pub(super) async fn start_docker<S: System, P: Platform>(
         let containerd = async {
             docker::wait_for_socket(&paths.p(docker::CONTAINERD_SOCKET), within)
                 .await
-                .map_err(|e| format!("containerd: {e}"))?;
-            Ok::<_, String>(containerd_started.elapsed())
+                .map_err(PhaseError::Containerd)?;
+            Ok::<_, PhaseError>(containerd_started.elapsed())
         };
-        let (containerd, _) = tokio::try_join!(
-            containerd,
-            docker::wait_for_ping(&docker_socket, within),
-        )?;
+        let dockerd = async { Ok(docker::wait_for_ping(&docker_socket, within).await?) };
+        let (containerd, _) = tokio::try_join!(containerd, dockerd)?;
         crate::log!("containerd: answering {} after its start", human(containerd));
-        Ok(())
+        Ok::<_, PhaseError>(())
     })
     .await
 }

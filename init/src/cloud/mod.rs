@@ -270,7 +270,7 @@ pub enum ErrorKind {
 }
 
 /// A failed cloud call: which call, about what, EC2's code and message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct CloudError {
     pub call: &'static str,
     pub target: String,
@@ -350,8 +350,6 @@ impl fmt::Display for CloudError {
         Ok(())
     }
 }
-
-impl std::error::Error for CloudError {}
 
 #[cfg(test)]
 mod tests {

@@ -4,10 +4,11 @@
 //! for chronyd's step before the first EC2 call, otherwise chronyd steps it in the background.
 //! chronyd stays supervised to keep the clock right.
 
+use super::supervisor::LaunchError;
 use super::supervisor::ServiceSpec;
 use crate::config::Time;
 use crate::console::human;
-use crate::sys::{run_code, CommandSpec, Output, Paths, System};
+use crate::sys::{run_code, CommandError, CommandSpec, FileError, Output, Paths, System};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -189,6 +190,17 @@ pub fn chronyd(paths: &Paths) -> ServiceSpec {
     .stop_timeout(Duration::from_secs(3))
 }
 
+/// Why chronyd could not be started or asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClockError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
 /// Starts chronyd, and when the clock is far off (or no server answered a first query), waits
 /// for its first synchronisation. Returns a line for the console: how far off the clock was and
 /// the step made, or why it gave up (then the boot goes on: the clock may well be right).
@@ -197,12 +209,12 @@ pub async fn sync<S: System + ?Sized>(
     paths: &Paths,
     supervisor: &super::Supervisor,
     cfg: &Time,
-) -> Result<String, String> {
+) -> Result<String, ClockError> {
     let dir = paths.p("/var/lib/chrony");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(FileError::at("mkdir", &dir))?;
     std::os::unix::fs::chown(&dir, Some(CHRONY_UID), Some(CHRONY_GID))
-        .map_err(|e| format!("chown {}: {e}", dir.display()))?;
-    std::fs::write(paths.p(CONF), chrony_conf(cfg)).map_err(|e| format!("write {CONF}: {e}"))?;
+        .map_err(FileError::at("chown", &dir))?;
+    std::fs::write(paths.p(CONF), chrony_conf(cfg)).map_err(FileError::at("write", CONF))?;
     // Ask the servers first: only a clock far enough off to endanger signing waits for chronyd.
     let probed = first_offset(&cfg.servers).await;
     let (wall0, mono0) = (SystemTime::now(), Instant::now());

@@ -3,7 +3,7 @@
 
 use super::supervisor::ServiceSpec;
 use crate::config::Docker;
-use crate::sys::{CommandSpec, Output, Paths, System};
+use crate::sys::{CommandError, CommandSpec, FileError, Output, Paths, System};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +21,58 @@ pub const VOLUME_TLS_DIR: &str = ".spotinit/docker-tls";
 pub const REGISTRY_CERTS_DIR: &str = "/etc/docker/certs.d";
 pub const LOG_DIR: &str = "/var/log/spotinit";
 const LOG_MAX_BYTES: u64 = 4 << 20;
+
+/// Why Docker's files could not be made, or Docker did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("docker.tls.on_volume: cannot read {} on the state volume ({source}); put the clients' CA (ca.pem), the server's certificate (cert.pem) and key (key.pem) in {}/ on it", path.display(), VOLUME_TLS_DIR)]
+    TlsUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("docker.tls.on_volume: {} is not PEM text", path.display())]
+    TlsNotPem { path: PathBuf },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("cannot write the CA of registry {registry} to {}: {source}", path.display())]
+    RegistryCa {
+        registry: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} did not accept connections within {within}", path.display())]
+    NoSocket { path: PathBuf, within: String },
+    #[error("the Docker Engine API on {} did not answer /_ping within {within}", socket.display())]
+    NoPing { socket: PathBuf, within: String },
+}
+
+/// Why a request to the Engine API got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("connect {}: {source}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{method} {path}: {source}")]
+    Io {
+        method: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{method} {path}: not an HTTP answer")]
+    NotHttp { method: String, path: String },
+    #[error("{method} {path}: no answer within {within}")]
+    NoAnswer {
+        method: String,
+        path: String,
+        within: String,
+    },
+    #[error("GET /containers/json: HTTP {code}")]
+    ListStatus { code: u16 },
+    #[error("GET /containers/json: {0}")]
+    ListJson(#[source] serde_json::Error),
+}
 
 pub fn log_output(paths: &Paths, name: &str) -> Output {
     Output::Log {
@@ -63,7 +115,7 @@ pub struct TlsFiles {
 
 /// Writes the PEM text of `[docker.tls]` to tmpfs (the key readable by root only), or checks
 /// the files on the state volume. None without TLS.
-pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, String> {
+pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, DockerError> {
     let t = &cfg.tls;
     if t.on_volume {
         let dir = paths
@@ -75,17 +127,12 @@ pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, String
             key: dir.join("key.pem"),
         };
         for f in [&files.ca, &files.cert, &files.key] {
-            let text = std::fs::read_to_string(f).map_err(|e| {
-                format!(
-                    "docker.tls.on_volume: cannot read {} on the state volume ({e}); put the clients' CA (ca.pem), the server's certificate (cert.pem) and key (key.pem) in {VOLUME_TLS_DIR}/ on it",
-                    f.display()
-                )
+            let text = std::fs::read_to_string(f).map_err(|source| DockerError::TlsUnreadable {
+                path: f.clone(),
+                source,
             })?;
             if !text.trim_start().starts_with("-----BEGIN ") {
-                return Err(format!(
-                    "docker.tls.on_volume: {} is not PEM text",
-                    f.display()
-                ));
+                return Err(DockerError::TlsNotPem { path: f.clone() });
             }
         }
         return Ok(Some(files));
@@ -95,8 +142,7 @@ pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, String
     };
     use std::os::unix::fs::OpenOptionsExt;
     let dir = paths.p(TLS_DIR);
-    let io = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
-    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(FileError::at("cannot write", &dir))?;
     let files = TlsFiles {
         ca: dir.join("ca.pem"),
         cert: dir.join("cert.pem"),
@@ -113,26 +159,26 @@ pub fn tls_files(paths: &Paths, cfg: &Docker) -> Result<Option<TlsFiles>, String
             .create_new(true)
             .mode(mode)
             .open(path)
-            .map_err(|e| io(path, e))?;
-        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(path, e))?;
+            .map_err(FileError::at("cannot write", path))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .map_err(FileError::at("cannot write", path))?;
     }
     Ok(Some(files))
 }
 
 /// Writes each CA of `docker.registry_cas` where dockerd looks for it when it pulls from that
 /// registry. The names were checked with the configuration (no `/`, no `..`). Returns how many.
-pub fn write_registry_cas(paths: &Paths, cfg: &Docker) -> Result<usize, String> {
+pub fn write_registry_cas(paths: &Paths, cfg: &Docker) -> Result<usize, DockerError> {
     let certs = paths.p(REGISTRY_CERTS_DIR);
     for (registry, pem) in &cfg.registry_cas {
         let dir = certs.join(registry);
         let path = dir.join("ca.crt");
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(&path, pem))
-            .map_err(|e| {
-                format!(
-                    "cannot write the CA of registry {registry} to {}: {e}",
-                    path.display()
-                )
+            .map_err(|source| DockerError::RegistryCa {
+                registry: registry.clone(),
+                path: path.clone(),
+                source,
             })?;
     }
     Ok(cfg.registry_cas.len())
@@ -266,7 +312,7 @@ pub async fn block_imds<S: System + ?Sized>(
     sys: &S,
     imds_endpoint: Option<&str>,
     ipv6_containers: bool,
-) -> Result<String, String> {
+) -> Result<String, CommandError> {
     for tool in ["iptables", "ip6tables"] {
         // Fails when the chain exists already: fine.
         let _ = crate::sys::run(sys, &user_chain(tool)).await;
@@ -291,18 +337,17 @@ pub async fn block_imds<S: System + ?Sized>(
 }
 
 /// Waits until a unix socket accepts connections.
-pub async fn wait_for_socket(path: &Path, deadline: Duration) -> Result<Duration, String> {
+pub async fn wait_for_socket(path: &Path, deadline: Duration) -> Result<Duration, DockerError> {
     let start = Instant::now();
     loop {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Ok(start.elapsed());
         }
         if start.elapsed() > deadline {
-            return Err(format!(
-                "{} did not accept connections within {}",
-                path.display(),
-                crate::console::human(deadline)
-            ));
+            return Err(DockerError::NoSocket {
+                path: path.to_path_buf(),
+                within: crate::console::human(deadline),
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -315,38 +360,46 @@ pub async fn request(
     method: &str,
     path: &str,
     timeout: Duration,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), RequestError> {
+    let io = |source| RequestError::Io {
+        method: method.into(),
+        path: path.into(),
+        source,
+    };
     let exchange = async {
         let mut s = tokio::net::UnixStream::connect(socket)
             .await
-            .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+            .map_err(|source| RequestError::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
         let req = format!("{method} {path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("{method} {path}: {e}"))?;
+        s.write_all(req.as_bytes()).await.map_err(io)?;
         let mut buf = Vec::new();
-        s.read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("{method} {path}: {e}"))?;
+        s.read_to_end(&mut buf).await.map_err(io)?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let code = text
             .lines()
             .next()
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("{method} {path}: not an HTTP answer"))?;
+            .ok_or_else(|| RequestError::NotHttp {
+                method: method.into(),
+                path: path.into(),
+            })?;
         let body = text
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         Ok((code, body))
     };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
-        format!(
-            "{method} {path}: no answer within {}",
-            crate::console::human(timeout)
-        )
-    })?
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| RequestError::NoAnswer {
+            method: method.into(),
+            path: path.into(),
+            within: crate::console::human(timeout),
+        })?
 }
 
 /// True when the Engine API answers `/_ping` with 200.
@@ -358,13 +411,12 @@ pub async fn ping(socket: &Path) -> bool {
 }
 
 /// Ids of the running containers.
-pub async fn running_containers(socket: &Path) -> Result<Vec<String>, String> {
+pub async fn running_containers(socket: &Path) -> Result<Vec<String>, RequestError> {
     let (code, body) = request(socket, "GET", "/containers/json", Duration::from_secs(10)).await?;
     if code != 200 {
-        return Err(format!("GET /containers/json: HTTP {code}"));
+        return Err(RequestError::ListStatus { code });
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("GET /containers/json: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(RequestError::ListJson)?;
     Ok(v.as_array()
         .map(|a| {
             a.iter()
@@ -375,18 +427,17 @@ pub async fn running_containers(socket: &Path) -> Result<Vec<String>, String> {
 }
 
 /// Waits until the Engine API answers `/_ping`.
-pub async fn wait_for_ping(socket: &Path, deadline: Duration) -> Result<Duration, String> {
+pub async fn wait_for_ping(socket: &Path, deadline: Duration) -> Result<Duration, DockerError> {
     let start = Instant::now();
     loop {
         if ping(socket).await {
             return Ok(start.elapsed());
         }
         if start.elapsed() > deadline {
-            return Err(format!(
-                "the Docker Engine API on {} did not answer /_ping within {}",
-                socket.display(),
-                crate::console::human(deadline)
-            ));
+            return Err(DockerError::NoPing {
+                socket: socket.to_path_buf(),
+                within: crate::console::human(deadline),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

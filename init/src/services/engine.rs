@@ -5,34 +5,24 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// Why a request failed: the daemon's own message when it gave one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     /// No connection, a broken one, or no answer in time.
+    #[error("{0}")]
     Transport(String),
     /// An HTTP status other than the expected, with the daemon's `message`.
+    #[error("HTTP {code}: {message}")]
     Status { code: u16, message: String },
     /// A pull that reported an error in its stream (an unknown image, refused credentials).
+    #[error("{0}")]
     Pull(String),
 }
-
-impl fmt::Display for EngineError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EngineError::Transport(e) => write!(f, "{e}"),
-            EngineError::Status { code, message } => write!(f, "HTTP {code}: {message}"),
-            EngineError::Pull(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for EngineError {}
 
 /// Percent-encodes everything but RFC 3986's unreserved characters (for path segments and
 /// query values).

@@ -8,4 +8,4 @@ pub mod registry_auth;
 pub mod ssh;
 pub mod supervisor;
 
-pub use supervisor::{ServiceSpec, Stopped, Supervisor};
+pub use supervisor::{LaunchError, ServiceSpec, Stopped, Supervisor};

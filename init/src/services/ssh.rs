@@ -3,9 +3,10 @@
 //! every replacement instance presents the same one (no "host key changed" after each spot
 //! replacement). Root logins by key only; remote port forwarding off.
 
+use super::supervisor::LaunchError;
 use super::supervisor::ServiceSpec;
 use crate::config::Ssh;
-use crate::sys::{run, CommandSpec, Output, Paths, System};
+use crate::sys::{run, CommandError, CommandSpec, FileError, Output, Paths, System};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,6 +66,17 @@ pub fn dropbear(paths: &Paths, host_key: &Path, port: u16) -> ServiceSpec {
     .stop_timeout(Duration::from_secs(3))
 }
 
+/// Why SSH did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    HostKey(#[from] CommandError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
 /// Writes root's authorized_keys, makes the host key if there is none, starts dropbear.
 /// Returns a line for the console with the host key's fingerprint.
 pub async fn start<S: System + ?Sized>(
@@ -74,17 +86,16 @@ pub async fn start<S: System + ?Sized>(
     cfg: &Ssh,
     keys: &[String],
     key_dir: &Path,
-) -> Result<String, String> {
+) -> Result<String, SshError> {
     let ssh_dir = paths.p("/root/.ssh");
-    std::fs::create_dir_all(&ssh_dir).map_err(|e| format!("mkdir {}: {e}", ssh_dir.display()))?;
+    std::fs::create_dir_all(&ssh_dir).map_err(FileError::at("mkdir", &ssh_dir))?;
     let ak = ssh_dir.join("authorized_keys");
-    std::fs::write(&ak, keys.join("\n") + "\n")
-        .map_err(|e| format!("write {}: {e}", ak.display()))?;
+    std::fs::write(&ak, keys.join("\n") + "\n").map_err(FileError::at("write", &ak))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&ssh_dir, std::fs::Permissions::from_mode(0o700));
     let _ = std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600));
 
-    std::fs::create_dir_all(key_dir).map_err(|e| format!("mkdir {}: {e}", key_dir.display()))?;
+    std::fs::create_dir_all(key_dir).map_err(FileError::at("mkdir", key_dir))?;
     let host_key = key_dir.join(HOST_KEY);
     let made = if host_key.exists() {
         false

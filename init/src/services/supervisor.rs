@@ -4,7 +4,7 @@
 //! everything else talks to it through a [`Supervisor`] handle.
 
 use crate::console::human;
-use crate::sys::{describe_exit, CommandSpec, Pid, Signal, System};
+use crate::sys::{describe_exit, CommandSpec, Pid, Signal, SysError, System};
 use std::collections::HashMap;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -82,8 +82,21 @@ impl Backoff {
     }
 }
 
+/// Why a service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start {name}: the supervisor is gone")]
+    SupervisorGone { name: String },
+    #[error("{name} is already running")]
+    AlreadyRunning { name: String },
+    #[error("{name} is not a service")]
+    NotAService { name: String },
+    #[error("cannot start {name}: {source}")]
+    Spawn { name: String, source: SysError },
+}
+
 enum Msg {
-    Start(ServiceSpec, oneshot::Sender<Result<Pid, String>>),
+    Start(ServiceSpec, oneshot::Sender<Result<Pid, LaunchError>>),
     /// Stop it; SIGKILL after its stop timeout, or after the limit if that is shorter.
     Stop(String, Option<Duration>, oneshot::Sender<Stopped>),
     Running(oneshot::Sender<Vec<(String, Pid)>>),
@@ -144,14 +157,14 @@ impl Supervisor {
     }
 
     /// Starts a service (replacing a stopped one of the same name).
-    pub async fn launch(&self, spec: ServiceSpec) -> Result<Pid, String> {
+    pub async fn launch(&self, spec: ServiceSpec) -> Result<Pid, LaunchError> {
         let (reply, rx) = oneshot::channel();
         let name = spec.name.clone();
+        let gone = |name: &str| LaunchError::SupervisorGone { name: name.into() };
         self.tx
             .send(Msg::Start(spec, reply))
-            .map_err(|_| format!("cannot start {name}: the supervisor is gone"))?;
-        rx.await
-            .map_err(|_| format!("cannot start {name}: the supervisor is gone"))?
+            .map_err(|_| gone(&name))?;
+        rx.await.map_err(|_| gone(&name))?
     }
 
     /// Stops a service for good: stop signal, then SIGKILL after its stop timeout.
@@ -227,10 +240,10 @@ impl<S: System> Actor<S> {
         }
     }
 
-    fn launch(&mut self, spec: ServiceSpec) -> Result<Pid, String> {
+    fn launch(&mut self, spec: ServiceSpec) -> Result<Pid, LaunchError> {
         let name = spec.name.clone();
         let (generation, restarts) = match self.services.get(&name) {
-            Some(s) if s.pid.is_some() => return Err(format!("{name} is already running")),
+            Some(s) if s.pid.is_some() => return Err(LaunchError::AlreadyRunning { name }),
             Some(s) => (s.generation + 1, 0),
             None => (1, 0),
         };
@@ -250,15 +263,18 @@ impl<S: System> Actor<S> {
         self.spawn(&name)
     }
 
-    fn spawn(&mut self, name: &str) -> Result<Pid, String> {
+    fn spawn(&mut self, name: &str) -> Result<Pid, LaunchError> {
         let sys = self.sys.clone();
         let tx = self.tx.clone();
         let Some(svc) = self.services.get_mut(name) else {
-            return Err(format!("{name} is not a service"));
+            return Err(LaunchError::NotAService { name: name.into() });
         };
         let child = sys
             .spawn(&svc.spec.command)
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
+            .map_err(|source| LaunchError::Spawn {
+                name: name.into(),
+                source,
+            })?;
         svc.pid = Some(child.pid);
         svc.started = Instant::now();
         let pid = child.pid;

@@ -1,9 +1,8 @@
 //! A recording [`System`] for tests: every call is appended to a log of [`Op`]s in order, and
 //! spawned programs behave as scripted (exit at once, run until signalled, ignore SIGTERM).
 
-use super::system::{
-    Child, CommandSpec, MountSpec, MsFlags, Pid, PowerAction, Signal, SysError, SysResult, System,
-};
+use super::errors::{SysError, SysResult};
+use super::system::{Child, CommandSpec, MountSpec, MsFlags, Pid, PowerAction, Signal, System};
 use nix::errno::Errno;
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;

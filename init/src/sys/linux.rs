@@ -1,8 +1,8 @@
 //! The real system calls. Each one names what it did in its error.
 
+use super::errors::{SysError, SysResult};
 use super::system::{
-    Child, CommandSpec, MountSpec, MsFlags, Output, Pid, PowerAction, Signal, SysError, SysResult,
-    System,
+    Child, CommandSpec, MountSpec, MsFlags, Output, Pid, PowerAction, Signal, System,
 };
 use nix::errno::Errno;
 use std::os::unix::process::CommandExt;

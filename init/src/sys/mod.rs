@@ -10,7 +10,9 @@ mod logfile;
 pub use logfile::{is_error_line, RollingFile};
 mod reaper;
 
+mod errors;
 mod system;
 
+pub use errors::*;
 pub use linux::Linux;
 pub use system::*;

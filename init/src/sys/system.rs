@@ -1,7 +1,7 @@
 //! The boundary's types: the [`System`] trait, what it is asked to do (mounts, commands, power),
 //! where files live ([`Paths`]) and what /proc/self/mountinfo says.
 
-use std::fmt;
+use super::errors::{CommandError, SysResult};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use tokio::sync::oneshot;
@@ -162,38 +162,6 @@ pub enum PowerAction {
     Reboot,
 }
 
-/// A failed system call, with what it was doing.
-#[derive(Debug)]
-pub struct SysError {
-    pub op: &'static str,
-    pub what: String,
-    pub errno: nix::errno::Errno,
-}
-
-impl SysError {
-    pub fn new(op: &'static str, what: impl Into<String>, errno: nix::errno::Errno) -> Self {
-        SysError {
-            op,
-            what: what.into(),
-            errno,
-        }
-    }
-    pub fn io(op: &'static str, what: impl Into<String>, e: &std::io::Error) -> Self {
-        let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
-        SysError::new(op, what, errno)
-    }
-}
-
-impl fmt::Display for SysError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}: {}", self.op, self.what, self.errno.desc())
-    }
-}
-
-impl std::error::Error for SysError {}
-
-pub type SysResult<T> = Result<T, SysError>;
-
 /// The privileged operations spotinit needs, and nothing else.
 pub trait System: Send + Sync + 'static {
     fn mount(&self, m: &MountSpec) -> SysResult<()>;
@@ -220,31 +188,33 @@ pub trait System: Send + Sync + 'static {
 }
 
 /// Runs a program to completion and turns a non-zero exit into an error naming the command.
-pub async fn run<S: System + ?Sized>(sys: &S, cmd: &CommandSpec) -> Result<(), String> {
-    let child = sys
-        .spawn(cmd)
-        .map_err(|e| format!("cannot start {}: {e}", cmd.display()))?;
+pub async fn run<S: System + ?Sized>(sys: &S, cmd: &CommandSpec) -> Result<(), CommandError> {
+    let child = sys.spawn(cmd).map_err(|source| CommandError::Start {
+        command: cmd.display(),
+        source,
+    })?;
     let status = child.wait().await;
     if status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{} failed: {}",
-            cmd.display(),
-            describe_exit(status)
-        ))
+        Err(CommandError::Failed {
+            command: cmd.display(),
+            exit: describe_exit(status),
+        })
     }
 }
 
 /// Runs a program and returns its exit code (or an error if it was killed by a signal).
-pub async fn run_code<S: System + ?Sized>(sys: &S, cmd: &CommandSpec) -> Result<i32, String> {
-    let child = sys
-        .spawn(cmd)
-        .map_err(|e| format!("cannot start {}: {e}", cmd.display()))?;
+pub async fn run_code<S: System + ?Sized>(sys: &S, cmd: &CommandSpec) -> Result<i32, CommandError> {
+    let child = sys.spawn(cmd).map_err(|source| CommandError::Start {
+        command: cmd.display(),
+        source,
+    })?;
     let status = child.wait().await;
-    status
-        .code()
-        .ok_or_else(|| format!("{} was {}", cmd.display(), describe_exit(status)))
+    status.code().ok_or_else(|| CommandError::NoExitCode {
+        command: cmd.display(),
+        exit: describe_exit(status),
+    })
 }
 
 /// "exit status 2" / "killed by SIGKILL".

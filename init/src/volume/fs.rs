@@ -264,7 +264,7 @@ pub fn decide(
 /// mkfs.ext4 with a label. Lazy inode-table and journal init keep it fast on large volumes;
 /// `nodiscard` because a new EBS volume reads as zeros already, and a discard is the one thing
 /// that would make a mistake unrecoverable.
-pub async fn mkfs<S: System + ?Sized>(sys: &S, device: &Path, label: &str) -> Result<(), String> {
+pub async fn mkfs<S: System + ?Sized>(sys: &S, device: &Path, label: &str) -> Result<(), FsError> {
     let cmd = CommandSpec::new("/usr/sbin/mkfs.ext4").args([
         "-q",
         "-L",
@@ -273,7 +273,16 @@ pub async fn mkfs<S: System + ?Sized>(sys: &S, device: &Path, label: &str) -> Re
         "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
         &device.to_string_lossy(),
     ]);
-    crate::sys::run(sys, &cmd).await
+    Ok(crate::sys::run(sys, &cmd).await?)
+}
+
+/// Why mkfs, e2fsck or resize2fs did not do their work.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Command(#[from] crate::sys::CommandError),
+    #[error("e2fsck -p found errors it cannot repair on its own (exit status {code})")]
+    Unrepairable { code: i32 },
 }
 
 /// e2fsck's verdict.
@@ -285,7 +294,7 @@ pub enum Fsck {
 
 /// `e2fsck -p` (journal replay and the repairs that need no human), `-f` for a full check.
 /// Exit 0 clean, 1 and 2 repaired; 4 and above mean errors it would not fix alone.
-pub async fn fsck<S: System + ?Sized>(sys: &S, device: &Path, full: bool) -> Result<Fsck, String> {
+pub async fn fsck<S: System + ?Sized>(sys: &S, device: &Path, full: bool) -> Result<Fsck, FsError> {
     let mut cmd = CommandSpec::new("/usr/sbin/e2fsck").arg("-p");
     if full {
         cmd = cmd.arg("-f");
@@ -294,16 +303,14 @@ pub async fn fsck<S: System + ?Sized>(sys: &S, device: &Path, full: bool) -> Res
     match run_code(sys, &cmd).await? {
         0 => Ok(Fsck::Clean),
         1 | 2 => Ok(Fsck::Repaired),
-        code => Err(format!(
-            "e2fsck -p found errors it cannot repair on its own (exit status {code})"
-        )),
+        code => Err(FsError::Unrepairable { code }),
     }
 }
 
 /// Grows a mounted ext4 to fill its device (online resize).
-pub async fn grow<S: System + ?Sized>(sys: &S, device: &Path) -> Result<(), String> {
+pub async fn grow<S: System + ?Sized>(sys: &S, device: &Path) -> Result<(), FsError> {
     let cmd = CommandSpec::new("/usr/sbin/resize2fs").arg(device.to_string_lossy());
-    crate::sys::run(sys, &cmd).await
+    Ok(crate::sys::run(sys, &cmd).await?)
 }
 
 #[cfg(test)]

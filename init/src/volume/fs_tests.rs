@@ -189,3 +189,22 @@ fn probe_reads_a_file_device() {
     assert_eq!(probe(&p).unwrap().1, Content::Unknown);
     std::fs::remove_file(&p).unwrap();
 }
+
+#[test]
+fn fs_errors_name_the_command_and_keep_its_cause() {
+    use std::error::Error;
+    let e = FsError::Unrepairable { code: 4 };
+    assert_eq!(
+        e.to_string(),
+        "e2fsck -p found errors it cannot repair on its own (exit status 4)"
+    );
+    let e = FsError::from(crate::sys::CommandError::Start {
+        command: "/usr/sbin/resize2fs /dev/nvme1n1".into(),
+        source: crate::sys::SysError::new("exec", "/usr/sbin/resize2fs", nix::errno::Errno::ENOENT),
+    });
+    assert_eq!(
+        e.to_string(),
+        "cannot start /usr/sbin/resize2fs /dev/nvme1n1: exec /usr/sbin/resize2fs: No such file or directory"
+    );
+    assert!(e.source().unwrap().is::<crate::sys::SysError>());
+}

@@ -86,10 +86,14 @@ impl fmt::Display for Step {
 }
 
 /// Why the state volume is not ready. Display gives the cause and the fix.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     /// An EC2 call failed (after retries where retrying made sense).
-    Api { step: Step, err: CloudError },
+    Api {
+        step: Step,
+        #[source]
+        err: CloudError,
+    },
     /// No such volume, or none tagged so and creation is off.
     NotFound { what: String, fix: String },
     /// Several volumes match the tags.
@@ -131,18 +135,26 @@ pub enum VolumeError {
     Fsck {
         volume: String,
         device: String,
-        detail: String,
+        source: fs::FsError,
     },
     /// A command (mkfs, resize2fs) failed.
     Command {
         step: Step,
         volume: String,
-        detail: String,
+        source: fs::FsError,
     },
+    /// Persisted-root mode: copying the image's root onto the volume failed.
+    Seed {
+        volume: String,
+        source: pivot::PivotError,
+    },
+    /// The kernel's device events could not be listened to (before the first attach).
+    DeviceEvents(#[source] std::io::Error),
     /// A mount or unmount failed.
     Sys {
         step: Step,
         volume: String,
+        #[source]
         err: SysError,
     },
     /// An ext4 filesystem with data but no spotinit record: not knowingly Docker's state.
@@ -248,12 +260,18 @@ impl fmt::Display for VolumeError {
                 f,
                 "state volume {volume} ({device}) holds {found}, not an ext4 filesystem. spotinit never formats a volume that holds anything: point volume.id/volume.tags at the right volume, or wipe this one yourself if its content is not needed"
             ),
-            VolumeError::Fsck { volume, device, detail } => write!(
+            VolumeError::Fsck { volume, device, source } => write!(
                 f,
-                "the filesystem of state volume {volume} ({device}) needs repair: {detail}. Attach it to another instance and run e2fsck -f on it"
+                "the filesystem of state volume {volume} ({device}) needs repair: {source}. Attach it to another instance and run e2fsck -f on it"
             ),
-            VolumeError::Command { step, volume, detail } => {
-                write!(f, "cannot {step} state volume {volume}: {detail}")
+            VolumeError::Command { step, volume, source } => {
+                write!(f, "cannot {step} state volume {volume}: {source}")
+            }
+            VolumeError::DeviceEvents(e) => {
+                write!(f, "cannot listen for kernel device events: {e}")
+            }
+            VolumeError::Seed { volume, source } => {
+                write!(f, "cannot {} state volume {volume}: {source}", Step::Mount)
             }
             VolumeError::Sys { step, volume, err } => {
                 write!(f, "cannot {step} state volume {volume}: {err}")
@@ -318,8 +336,6 @@ impl fmt::Display for VolumeError {
         }
     }
 }
-
-impl std::error::Error for VolumeError {}
 
 /// The golden rule, checked in one place right before containerd starts: /var/lib/docker and
 /// /var/lib/containerd are bind mounts of the state volume's directories, and the volume's

@@ -5,7 +5,6 @@
 //! Each step has its own error variant, so a failure says exactly which mount or call broke.
 
 use crate::sys::{CommandSpec, MountSpec, MsFlags, Paths, SysError, System};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// The root filesystem's directory on the state volume.
@@ -19,51 +18,37 @@ pub const OLD_ROOT: &str = "/run/spotinit/image-root";
 /// persisted root's own.
 pub const CARRIED: [&str; 4] = ["/dev", "/proc", "/sys", "/run"];
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PivotError {
     /// Copying the image's root onto the volume failed.
-    Seed(String),
+    #[error("cannot seed the persisted root from the image: {0}")]
+    Seed(#[source] crate::sys::CommandError),
+    /// Making or renaming the copy's directory failed.
+    #[error("cannot seed the persisted root from the image: {0}")]
+    SeedDir(#[source] std::io::Error),
     /// Making `rootfs/` a mount point (pivot_root needs one).
-    BindNewRoot(SysError),
+    #[error("cannot make the persisted root a mount point: {0}")]
+    BindNewRoot(#[source] SysError),
     /// Creating a directory the new root needs.
+    #[error("cannot prepare {} in the persisted root: {error}", path.display())]
     Prepare {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     /// Moving one of the API filesystems into the new root.
+    #[error("cannot move {what} into the persisted root: {error}")]
     MoveMount {
         what: &'static str,
+        #[source]
         error: SysError,
     },
-    PivotRoot(SysError),
+    #[error("cannot switch to the persisted root: {0}")]
+    PivotRoot(#[source] SysError),
     /// Detaching the image's root after the pivot.
-    DetachOldRoot(SysError),
+    #[error("cannot detach the image's root: {0}")]
+    DetachOldRoot(#[source] SysError),
 }
-
-impl fmt::Display for PivotError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PivotError::Seed(e) => write!(f, "cannot seed the persisted root from the image: {e}"),
-            PivotError::BindNewRoot(e) => {
-                write!(f, "cannot make the persisted root a mount point: {e}")
-            }
-            PivotError::Prepare { path, error } => {
-                write!(
-                    f,
-                    "cannot prepare {} in the persisted root: {error}",
-                    path.display()
-                )
-            }
-            PivotError::MoveMount { what, error } => {
-                write!(f, "cannot move {what} into the persisted root: {error}")
-            }
-            PivotError::PivotRoot(e) => write!(f, "cannot switch to the persisted root: {e}"),
-            PivotError::DetachOldRoot(e) => write!(f, "cannot detach the image's root: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for PivotError {}
 
 /// Directories every root needs for spotinit to continue the boot in it.
 const SKELETON: [&str; 13] = [
@@ -95,7 +80,7 @@ pub async fn seed<S: System + ?Sized>(
     }
     let partial = volume_mount.join(format!("{ROOTFS}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).map_err(|e| PivotError::Seed(e.to_string()))?;
+    std::fs::create_dir_all(&partial).map_err(PivotError::SeedDir)?;
     // -x: only the image's own filesystem, not /proc, /run, the volume itself...
     let cmd = CommandSpec::new("/bin/cp")
         .arg("-ax")
@@ -107,7 +92,7 @@ pub async fn seed<S: System + ?Sized>(
         std::fs::create_dir_all(&p).map_err(|error| PivotError::Prepare { path: p, error })?;
     }
     // Renamed only once complete: an interrupted seed is redone, never used half-made.
-    std::fs::rename(&partial, &rootfs).map_err(|e| PivotError::Seed(e.to_string()))?;
+    std::fs::rename(&partial, &rootfs).map_err(PivotError::SeedDir)?;
     Ok(true)
 }
 

@@ -115,8 +115,14 @@ fn loop_device_probe_mkfs_fsck_and_foreign_signatures() {
                 "{blkid}"
             );
 
-            assert_eq!(fs::fsck(&Linux, &disk.dev, false).await, Ok(Fsck::Clean));
-            assert_eq!(fs::fsck(&Linux, &disk.dev, true).await, Ok(Fsck::Clean));
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, false).await.unwrap(),
+                Fsck::Clean
+            );
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, true).await.unwrap(),
+                Fsck::Clean
+            );
             // Damage e2fsck -p repairs alone: a wrong link count. -p trusts a filesystem marked
             // clean; the full check (after a force-detach) finds it.
             let file = dir.join("file");
@@ -127,14 +133,26 @@ fn loop_device_probe_mkfs_fsck_and_foreign_signatures() {
             ))
             .await
             .unwrap();
-            assert_eq!(fs::fsck(&Linux, &disk.dev, false).await, Ok(Fsck::Clean));
-            assert_eq!(fs::fsck(&Linux, &disk.dev, true).await, Ok(Fsck::Repaired));
-            assert_eq!(fs::fsck(&Linux, &disk.dev, true).await, Ok(Fsck::Clean));
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, false).await.unwrap(),
+                Fsck::Clean
+            );
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, true).await.unwrap(),
+                Fsck::Repaired
+            );
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, true).await.unwrap(),
+                Fsck::Clean
+            );
             // Damage it must leave to a human: the root directory's inode cleared.
             sh(&format!("debugfs -w -R 'clri <2>' {dev}"))
                 .await
                 .unwrap();
-            let e = fs::fsck(&Linux, &disk.dev, true).await.unwrap_err();
+            let e = fs::fsck(&Linux, &disk.dev, true)
+                .await
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains("cannot repair") && e.contains("exit status 4"),
                 "{e}"
@@ -292,7 +310,10 @@ fn volume_mount_binds_and_the_docker_state_check() {
                 "layers"
             );
             Linux.umount(&vol, false).unwrap();
-            assert_eq!(fs::fsck(&Linux, &disk.dev, true).await, Ok(Fsck::Clean));
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, true).await.unwrap(),
+                Fsck::Clean
+            );
         },
     );
 }
@@ -341,7 +362,10 @@ fn online_grow_after_the_disk_grew() {
             );
             assert_eq!(std::fs::read_to_string(vol.join("data")).unwrap(), "kept");
             Linux.umount(&vol, false).unwrap();
-            assert_eq!(fs::fsck(&Linux, &disk.dev, true).await, Ok(Fsck::Clean));
+            assert_eq!(
+                fs::fsck(&Linux, &disk.dev, true).await.unwrap(),
+                Fsck::Clean
+            );
         },
     );
 }

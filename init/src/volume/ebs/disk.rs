@@ -123,11 +123,11 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                         .await?;
                         return Ok(true);
                     }
-                    Err(detail) => {
+                    Err(source) => {
                         return Err(VolumeError::Fsck {
                             volume: volume_id.into(),
                             device: dev,
-                            detail,
+                            source,
                         })
                     }
                 };
@@ -185,10 +185,10 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             .run(&format!("mkfs.ext4 of {volume_id}"), async move {
                 fs::mkfs(&*sys, &device, &label)
                     .await
-                    .map_err(|detail| VolumeError::Command {
+                    .map_err(|source| VolumeError::Command {
                         step: Step::Format,
                         volume: id.clone(),
-                        detail,
+                        source,
                     })?;
                 select::set_format_tag(&*ec2, &id, FORMAT_DONE).await
             })

@@ -159,10 +159,9 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         let start = Instant::now();
         let seeded = pivot::seed(&*self.sys, &self.paths, vol_mount)
             .await
-            .map_err(|e| VolumeError::Command {
-                step: Step::Mount,
+            .map_err(|source| VolumeError::Seed {
                 volume: volume_id.into(),
-                detail: e.to_string(),
+                source,
             })?;
         if seeded {
             crate::log!(
