@@ -1227,6 +1227,50 @@ async fn a_modification_is_modifying_then_optimizing_then_completed_and_grows_th
     );
 }
 
+/// DescribeVolumesModifications shows a volume's latest modification only (moto lists all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_latest_modification_is_described() {
+    let w = world(Settings {
+        modification_modifying: Duration::from_millis(200),
+        modification_optimizing: Duration::from_millis(200),
+        modification_cooldown: Duration::ZERO,
+        ..fast_settings()
+    })
+    .await;
+    let volume = w.create_volume(ZONE_A, 1).await;
+    for size in [2, 3] {
+        w.ec2
+            .modify_volume()
+            .volume_id(&volume)
+            .size(size)
+            .send()
+            .await
+            .expect("ModifyVolume");
+        wait_for(
+            "the modification to complete",
+            Duration::from_secs(5),
+            || {
+                let ec2 = w.ec2.clone();
+                let volume = volume.clone();
+                async move {
+                    let out = ec2
+                        .describe_volumes_modifications()
+                        .volume_ids(&volume)
+                        .send()
+                        .await
+                        .expect("DescribeVolumesModifications");
+                    let listed = out.volumes_modifications();
+                    assert_eq!(listed.len(), 1, "one modification per volume: {listed:?}");
+                    (listed[0].modification_state() == Some(&VolumeModificationState::Completed)
+                        && listed[0].target_size() == Some(size))
+                    .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Faults
 // ---------------------------------------------------------------------------------------------

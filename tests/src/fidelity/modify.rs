@@ -140,16 +140,19 @@ impl Shared {
         let now = Instant::now();
         let state = self.lock();
         let mut edits = XmlEdits::new();
-        // moto lists each volume's modifications in the order they were made, as the layer
-        // recorded them.
-        let mut seen: std::collections::HashMap<&str, usize> = Default::default();
-        for item in items(doc.root_element(), &["volumeModificationSet"]) {
-            let id = child_text(item, "volumeId").unwrap_or("");
-            let index = seen.entry(id).or_default();
-            if let Some(m) = state.modifications.get(id).and_then(|m| m.get(*index)) {
-                show(&mut edits, item, m.state(now), m.progress(now));
+        // moto lists every modification of a volume, oldest first; EC2 "describes the most
+        // recent volume modification request" of each (API reference).
+        let listed = items(doc.root_element(), &["volumeModificationSet"]);
+        for (i, item) in listed.iter().enumerate() {
+            let id = child_text(*item, "volumeId").unwrap_or("");
+            let later = listed[i + 1..]
+                .iter()
+                .any(|l| child_text(*l, "volumeId") == Some(id));
+            if later {
+                edits.remove(*item);
+            } else if let Some(m) = state.modifications.get(id).and_then(|m| m.last()) {
+                show(&mut edits, *item, m.state(now), m.progress(now));
             }
-            *index += 1;
         }
         Ok((status, edits.apply(&body)))
     }
