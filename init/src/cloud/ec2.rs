@@ -2,8 +2,8 @@
 //! with [`crate::retry::Retry`] so every retry shows on the console and policy lives in one place.
 
 use super::{
-    Attachment, CloudError, Ec2, ErrorKind, InstanceInfo, NewVolume, SnapshotInfo, VolumeInfo,
-    VolumeSpec,
+    Attachment, CloudError, Ec2, ErrorKind, InstanceInfo, Modification, NewVolume, SnapshotInfo,
+    VolumeChange, VolumeInfo, VolumeSpec,
 };
 use aws_sdk_ec2::config::{BehaviorVersion, Region, SharedCredentialsProvider};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
@@ -188,6 +188,18 @@ fn snapshot_info(s: &aws_sdk_ec2::types::Snapshot) -> SnapshotInfo {
     }
 }
 
+fn modification(m: &aws_sdk_ec2::types::VolumeModification) -> Modification {
+    Modification {
+        state: m
+            .modification_state()
+            .map(|s| s.as_str().into())
+            .unwrap_or_default(),
+        progress: m.progress().unwrap_or_default().clamp(0, 100) as u32,
+        target_size_gib: m.target_size().map(|s| s.max(0) as u32),
+        status_message: m.status_message().map(str::to_string),
+    }
+}
+
 impl Ec2 for Ec2Client {
     async fn describe_volume(&self, id: &str) -> Result<Option<VolumeInfo>, CloudError> {
         match self.client.describe_volumes().volume_ids(id).send().await {
@@ -255,6 +267,44 @@ impl Ec2 for Ec2Client {
             .map_err(|e| sdk_error("CreateVolume", &target, e))?;
         // Just created: attached to nothing yet.
         Ok(volume_fields!(out, Vec::new()))
+    }
+
+    async fn modify_volume(
+        &self,
+        id: &str,
+        change: &VolumeChange,
+    ) -> Result<Modification, CloudError> {
+        let out = self
+            .client
+            .modify_volume()
+            .volume_id(id)
+            .set_size(change.size_gib.map(|s| s as i32))
+            .set_volume_type(change.volume_type.as_deref().map(VolumeType::from))
+            .set_iops(change.iops.map(|i| i as i32))
+            .set_throughput(change.throughput_mibps.map(|t| t as i32))
+            .send()
+            .await
+            .map_err(|e| sdk_error("ModifyVolume", id, e))?;
+        Ok(out
+            .volume_modification()
+            .map(modification)
+            .unwrap_or_default())
+    }
+
+    async fn volume_modification(&self, id: &str) -> Result<Option<Modification>, CloudError> {
+        let out = self
+            .client
+            .describe_volumes_modifications()
+            .volume_ids(id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeVolumesModifications", id, e))?;
+        // EC2 describes only the latest; should a list come, the last one is the latest.
+        Ok(out
+            .volumes_modifications()
+            .iter()
+            .rfind(|m| m.volume_id() == Some(id) && m.modification_state().is_some())
+            .map(modification))
     }
 
     async fn delete_volume(&self, id: &str) -> Result<(), CloudError> {

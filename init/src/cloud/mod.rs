@@ -10,7 +10,9 @@ pub mod imds;
 mod sdk;
 mod states;
 
-pub use states::{tags, AttachmentState, InstanceState, SnapshotState, VolumeState};
+pub use states::{
+    tags, AttachmentState, InstanceState, ModificationState, SnapshotState, VolumeState,
+};
 
 use crate::retry::{Attempt, Retry};
 use std::collections::BTreeMap;
@@ -188,6 +190,26 @@ pub struct SnapshotInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// What a ModifyVolume asks to change; `None` keeps the volume's own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeChange {
+    pub size_gib: Option<u32>,
+    pub volume_type: Option<String>,
+    pub iops: Option<u32>,
+    pub throughput_mibps: Option<u32>,
+}
+
+/// A volume's latest modification, as DescribeVolumesModifications shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Modification {
+    pub state: ModificationState,
+    /// 0 to 100.
+    pub progress: u32,
+    pub target_size_gib: Option<u32>,
+    /// Why it failed, when it did.
+    pub status_message: Option<String>,
+}
+
 pub trait Ec2: Send + Sync + 'static {
     fn describe_volume(
         &self,
@@ -203,6 +225,17 @@ pub trait Ec2: Send + Sync + 'static {
         v: &NewVolume,
     ) -> impl Future<Output = Result<VolumeInfo, CloudError>> + Send;
     fn delete_volume(&self, id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
+    /// Starts a modification (ModifyVolume) and returns it as EC2 answered.
+    fn modify_volume(
+        &self,
+        id: &str,
+        change: &VolumeChange,
+    ) -> impl Future<Output = Result<Modification, CloudError>> + Send;
+    /// The volume's latest modification; None if it was never modified.
+    fn volume_modification(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Modification>, CloudError>> + Send;
     /// Returns the attachment state EC2 answered with.
     fn attach_volume(
         &self,

@@ -94,6 +94,26 @@ api_states! {
     }
 }
 
+api_states! {
+    /// A volume modification's state (`VolumeModificationState`).
+    ModificationState {
+        Modifying = "modifying",
+        Optimizing = "optimizing",
+        Completed = "completed",
+        Failed = "failed",
+    }
+}
+
+impl ModificationState {
+    /// The volume has its new size and type and may be attached (from `optimizing` on).
+    pub fn is_usable(&self) -> bool {
+        matches!(
+            self,
+            ModificationState::Optimizing | ModificationState::Completed
+        )
+    }
+}
+
 impl VolumeState {
     /// On its way out: not a volume to use or to wait for.
     pub fn is_going(&self) -> bool {
