@@ -11,6 +11,7 @@ pub mod ebs;
 pub mod fs;
 pub mod layout;
 mod lineage;
+pub mod modify;
 pub mod pivot;
 pub mod select;
 mod zone_move;
@@ -53,6 +54,7 @@ pub enum Step {
     Select,
     Create,
     Move,
+    Modify,
     Attach,
     Device,
     Probe,
@@ -71,6 +73,7 @@ impl fmt::Display for Step {
             Step::Select => "find",
             Step::Create => "create",
             Step::Move => "move to this zone",
+            Step::Modify => "modify",
             Step::Attach => "attach",
             Step::Device => "find its disk",
             Step::Probe => "read its disk",

@@ -1,12 +1,14 @@
-//! The real volume phase on EBS, step by step: select → attach → confirm → disk → filesystem →
-//! mount → record. Progress is kept in the struct, so a retry resumes and a release after a
-//! partial acquire undoes exactly what was done.
+//! The real volume phase on EBS, step by step: select → modify → attach → confirm → disk →
+//! filesystem → mount → record. Progress is kept in the struct, so a retry resumes and a release
+//! after a partial acquire undoes exactly what was done.
 //!
 //! The struct and its progress are here; `phase` runs the steps in order (acquire, release),
-//! `disk` finds the disk and prepares its filesystem, `mount` mounts it and keeps the record,
-//! `put_away` unmounts what lives on it before the detach.
+//! `modify` brings the volume to the configured size and type, `disk` finds the disk and
+//! prepares its filesystem, `mount` mounts it and keeps the record, `put_away` unmounts what
+//! lives on it before the detach.
 
 mod disk;
+mod modify;
 mod mount;
 mod phase;
 mod put_away;
@@ -34,6 +36,8 @@ pub struct EbsVolume<E: Ec2, S: System> {
     /// The volume as EC2 last described it: its tags say how it may be formatted.
     info: Option<VolumeInfo>,
     created: bool,
+    /// Brought to the configured size and type (or left as it is, with a warning).
+    modified: bool,
     attach_requested: bool,
     /// Read again after attaching: still the state's current home, no live move claim.
     confirmed: bool,
@@ -67,6 +71,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             volume_id: None,
             info: None,
             created: false,
+            modified: false,
             attach_requested: false,
             confirmed: false,
             needs_full_check: false,

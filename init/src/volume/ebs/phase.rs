@@ -21,6 +21,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         self.volume_id = None;
         self.info = None;
         self.created = false;
+        self.modified = false;
         self.attach_requested = false;
         self.confirmed = false;
         self.device = None;
@@ -43,6 +44,7 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
                 s.volume.id
             }
         };
+        self.bring_to_config(&volume_id).await?;
         // From here on a release must detach, even if the call below is interrupted.
         self.attach_requested = true;
         let a = attach::attach_exclusive(&*self.ec2, &volume_id, &self.cfg, &self.me).await?;
