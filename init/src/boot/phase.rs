@@ -11,7 +11,7 @@ use crate::services::docker::DockerError;
 use crate::services::LaunchError;
 use crate::sys::SysError;
 use crate::volume::pivot::PivotError;
-use crate::volume::VolumeError;
+use crate::volume::{StateError, VolumeError};
 use std::fmt;
 use std::future::Future;
 use tokio::time::Instant;
@@ -67,7 +67,7 @@ pub enum PhaseError {
     #[error("cannot start {init} (volume.root_init): {source}")]
     RootInit { init: String, source: SysError },
     #[error("{0}; refusing to start Docker on anything but the state volume")]
-    DockerState(String),
+    DockerState(#[source] StateError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error(transparent)]
@@ -170,9 +170,9 @@ mod tests {
         );
         let state = BootError::Phase {
             phase: "docker state check",
-            source: Box::new(PhaseError::DockerState(
-                "/var/lib/docker is not mounted".into(),
-            )),
+            source: Box::new(PhaseError::DockerState(StateError::NotMounted(
+                "/var/lib/docker".into(),
+            ))),
         };
         assert_eq!(
             state.to_string(),
