@@ -9,7 +9,7 @@ use crate::host::HostError;
 use crate::services::clock::ClockError;
 use crate::services::docker::DockerError;
 use crate::services::LaunchError;
-use crate::sys::SysError;
+use crate::sys::{FileError, SysError};
 use crate::volume::pivot::PivotError;
 use crate::volume::{StateError, VolumeError};
 use std::fmt;
@@ -73,7 +73,7 @@ pub enum PhaseError {
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error(transparent)]
-    DaemonJson(std::io::Error),
+    DaemonJson(FileError),
     #[error("cannot install the firewall rules that keep containers away from IMDS: {0}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly")]
     ImdsRules(#[source] ImdsRulesError),
     #[error("containerd: {0}")]
@@ -119,7 +119,6 @@ where
 mod tests {
     use super::*;
     use crate::services::clock::ClockError;
-    use crate::sys::FileError;
     use std::error::Error;
 
     fn denied() -> std::io::Error {
@@ -156,6 +155,26 @@ mod tests {
         let e = phase("configuration", failing).await.unwrap_err();
         assert!(matches!(e, BootError::Config(_)), "{e:?}");
         assert_eq!(e.to_string(), "invalid configuration:");
+    }
+
+    #[test]
+    fn a_daemon_json_that_cannot_be_written_is_named() {
+        let e = BootError::Phase {
+            phase: "dockerd",
+            source: Box::new(PhaseError::DaemonJson(FileError::at(
+                "write",
+                "/run/spotinit/daemon.json",
+            )(denied()))),
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("dockerd: write /run/spotinit/daemon.json: {}", denied())
+        );
+        assert_eq!(
+            denied().to_string(),
+            "Permission denied (os error 13)",
+            "the io error's own text"
+        );
     }
 
     #[test]
