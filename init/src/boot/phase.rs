@@ -9,9 +9,9 @@ use crate::host::HostError;
 use crate::services::clock::ClockError;
 use crate::services::docker::DockerError;
 use crate::services::LaunchError;
-use crate::sys::SysError;
+use crate::sys::{FileError, SysError};
 use crate::volume::pivot::PivotError;
-use crate::volume::VolumeError;
+use crate::volume::{StateError, VolumeError};
 use std::fmt;
 use std::future::Future;
 use tokio::time::Instant;
@@ -67,13 +67,13 @@ pub enum PhaseError {
     #[error("cannot start {init} (volume.root_init): {source}")]
     RootInit { init: String, source: SysError },
     #[error("{0}; refusing to start Docker on anything but the state volume")]
-    DockerState(String),
+    DockerState(#[source] StateError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error(transparent)]
-    DaemonJson(std::io::Error),
+    DaemonJson(FileError),
     #[error("cannot install the firewall rules that keep containers away from IMDS: {0}. Without them containers could take the instance role's credentials, so Docker is not started; set docker.block_imds = false to run without them knowingly")]
     ImdsRules(#[source] ImdsRulesError),
     #[error("containerd: {0}")]
@@ -119,7 +119,6 @@ where
 mod tests {
     use super::*;
     use crate::services::clock::ClockError;
-    use crate::sys::FileError;
     use std::error::Error;
 
     fn denied() -> std::io::Error {
@@ -159,6 +158,26 @@ mod tests {
     }
 
     #[test]
+    fn a_daemon_json_that_cannot_be_written_is_named() {
+        let e = BootError::Phase {
+            phase: "dockerd",
+            source: Box::new(PhaseError::DaemonJson(FileError::at(
+                "write",
+                "/run/spotinit/daemon.json",
+            )(denied()))),
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("dockerd: write /run/spotinit/daemon.json: {}", denied())
+        );
+        assert_eq!(
+            denied().to_string(),
+            "Permission denied (os error 13)",
+            "the io error's own text"
+        );
+    }
+
+    #[test]
     fn phase_errors_say_what_they_said_before() {
         let imds = PhaseError::Imds {
             what: "user data",
@@ -170,9 +189,9 @@ mod tests {
         );
         let state = BootError::Phase {
             phase: "docker state check",
-            source: Box::new(PhaseError::DockerState(
-                "/var/lib/docker is not mounted".into(),
-            )),
+            source: Box::new(PhaseError::DockerState(StateError::NotMounted(
+                "/var/lib/docker".into(),
+            ))),
         };
         assert_eq!(
             state.to_string(),

@@ -33,11 +33,9 @@ pub(super) async fn start_docker<S: System, P: Platform>(
         } else {
             volume::verify_docker_state
         };
-        verify(paths, mounted, &config.docker.storage_driver).map_err(|message| {
-            BootError::Phase {
-                phase: "docker state check",
-                source: Box::new(PhaseError::DockerState(message)),
-            }
+        verify(paths, mounted, &config.docker.storage_driver).map_err(|e| BootError::Phase {
+            phase: "docker state check",
+            source: Box::new(PhaseError::DockerState(e)),
         })?;
     }
     background.drivers_loaded().await;

@@ -4,6 +4,17 @@
 
 use super::{Identity, SpotAction};
 
+/// Why an IMDS document is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("bad identity document: {0}")]
+    Identity(#[source] serde_json::Error),
+    #[error("the identity document's instanceId, region or availabilityZone is not of EC2's form")]
+    IdentityForm,
+    #[error("bad instance-action document: {0}")]
+    SpotAction(#[source] serde_json::Error),
+}
+
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct IdentityDocument {
@@ -18,9 +29,8 @@ struct IdentityDocument {
     image_id: String,
 }
 
-pub fn parse_identity(doc: &str) -> Result<Identity, String> {
-    let d: IdentityDocument =
-        serde_json::from_str(doc).map_err(|e| format!("bad identity document: {e}"))?;
+pub fn parse_identity(doc: &str) -> Result<Identity, DocumentError> {
+    let d: IdentityDocument = serde_json::from_str(doc).map_err(DocumentError::Identity)?;
     let instance_ok = d
         .instance_id
         .strip_prefix("i-")
@@ -35,10 +45,7 @@ pub fn parse_identity(doc: &str) -> Result<Identity, String> {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !(instance_ok && region_ok && zone_ok) {
-        return Err(
-            "the identity document's instanceId, region or availabilityZone is not of EC2's form"
-                .into(),
-        );
+        return Err(DocumentError::IdentityForm);
     }
     Ok(Identity {
         instance_id: d.instance_id,
@@ -56,9 +63,8 @@ struct InstanceAction {
     time: String,
 }
 
-pub fn parse_spot_action(doc: &str) -> Result<SpotAction, String> {
-    let a: InstanceAction =
-        serde_json::from_str(doc).map_err(|e| format!("bad instance-action document: {e}"))?;
+pub fn parse_spot_action(doc: &str) -> Result<SpotAction, DocumentError> {
+    let a: InstanceAction = serde_json::from_str(doc).map_err(DocumentError::SpotAction)?;
     Ok(SpotAction {
         action: a.action,
         time: a.time,
@@ -94,7 +100,15 @@ mod tests {
             .unwrap();
         assert_eq!(a.action, "terminate");
         assert_eq!(a.time, "2026-11-26T12:00:00Z");
-        assert!(parse_spot_action("nope").is_err());
+        let e = parse_spot_action("nope").unwrap_err();
+        let json = serde_json::from_str::<serde_json::Value>("nope").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("bad instance-action document: {json}")
+        );
+        assert!(std::error::Error::source(&e)
+            .unwrap()
+            .is::<serde_json::Error>());
     }
 
     #[test]
@@ -103,7 +117,12 @@ mod tests {
             format!(r#"{{"instanceId":"{id}","region":"{region}","availabilityZone":"{zone}"}}"#)
         };
         assert!(parse_identity(&doc("i-0abc1234", "eu-west-1", "eu-west-1a")).is_ok());
-        assert!(parse_identity(&doc("i-0abc1234", "eu-west-1", "euw1-az1")).is_err());
+        assert_eq!(
+            parse_identity(&doc("i-0abc1234", "eu-west-1", "euw1-az1"))
+                .unwrap_err()
+                .to_string(),
+            "the identity document's instanceId, region or availabilityZone is not of EC2's form"
+        );
         assert!(parse_identity(&doc("i-0abc/../x", "eu-west-1", "eu-west-1a")).is_err());
         assert!(parse_identity(&doc("i-0abc1234", "eu west 1", "eu west 1a")).is_err());
         assert_eq!(

@@ -152,7 +152,7 @@ impl Metadata for Imds {
             target: path.into(),
             kind: ErrorKind::Refused,
             code: None,
-            message: m,
+            message: m.to_string(),
         })
     }
 
@@ -173,7 +173,7 @@ impl Metadata for Imds {
                 target: path.into(),
                 kind: ErrorKind::Refused,
                 code: None,
-                message: m,
+                message: m.to_string(),
             }),
         }
     }

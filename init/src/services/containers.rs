@@ -7,10 +7,11 @@
 //! one in the way of a declared name; managed containers no longer declared are left as they
 //! are, with a console line.
 
-use super::engine::{Engine, Existing};
+use super::engine::{Engine, EngineError, Existing};
 use crate::config::containers::{parse_mount, parse_port, Container};
 use crate::console::human;
 use crate::retry::{Attempt, Retry, RetryError};
+use crate::sys::FileError;
 use serde_json::{json, Map, Value};
 use std::future::Future;
 use std::path::Path;
@@ -170,11 +171,35 @@ pub fn create_body(c: &Container, volume: &Path) -> Value {
 /// container is reported failed; the other containers and Docker are not held up by it.
 pub const PULL_RETRY_FOR: Duration = Duration::from_secs(600);
 
+/// Why a declared container is not running. Container ids are short.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    List(EngineError),
+    #[error("cannot ask Docker for {image}: {source}")]
+    Inspect { image: String, source: EngineError },
+    #[error(transparent)]
+    Pull(RetryError<EngineError>),
+    #[error(transparent)]
+    BindDir(#[from] FileError),
+    #[error("create: {0}")]
+    Create(#[source] EngineError),
+    /// A kept container that Docker had not started.
+    #[error("start: {0}")]
+    StartKept(#[source] EngineError),
+    #[error("start {id}: {source}")]
+    Start { id: String, source: EngineError },
+    #[error("stop {id}: {source}")]
+    Stop { id: String, source: EngineError },
+    #[error("remove {id}: {source}")]
+    Remove { id: String, source: EngineError },
+}
+
 /// How one declared container ended up.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
     Running,
-    Failed(String),
+    Failed(ContainerError),
     /// Not ours to run: in the way, or no longer declared.
     LeftAlone,
 }
@@ -186,11 +211,16 @@ async fn ensure_image(
     image: &str,
     auth: Option<&str>,
     pull_for: Duration,
-) -> Result<(), String> {
+) -> Result<(), ContainerError> {
     match engine.image_present(image).await {
         Ok(true) => return Ok(()),
         Ok(false) => {}
-        Err(e) => return Err(format!("cannot ask Docker for {image}: {e}")),
+        Err(source) => {
+            return Err(ContainerError::Inspect {
+                image: image.into(),
+                source,
+            })
+        }
     }
     let started = Instant::now();
     let retry = Retry::new(format!("containers: pull {image}"))
@@ -215,46 +245,43 @@ async fn ensure_image(
                     }
                 })
                 .await
-                .map_err(|e| Attempt::Retry(e.to_string()))
+                .map_err(Attempt::Retry)
         })
         .await
-        .map_err(|e| match e {
-            RetryError::Failed(e) => e,
-            RetryError::TimedOut {
-                last,
-                after,
-                attempts,
-            } => format!(
-                "{last} (gave up after {} and {attempts} attempts)",
-                human(after)
-            ),
-        })?;
+        .map_err(ContainerError::Pull)?;
     crate::log!("containers: pulled {image} in {}", human(started.elapsed()));
     Ok(())
 }
 
 /// Makes the bind directories below the state volume (Docker would make them as root-owned
 /// directories anyway; making them here keeps them under `binds/`, never elsewhere).
-fn make_bind_dirs(c: &Container, volume: &Path) -> Result<(), String> {
+fn make_bind_dirs(c: &Container, volume: &Path) -> Result<(), FileError> {
     for b in &c.binds {
         if let Some((dir, _, _)) = parse_mount(b) {
             let d = volume.join(BINDS_DIR).join(dir);
-            std::fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+            std::fs::create_dir_all(&d).map_err(FileError::at("mkdir", &d))?;
         }
     }
     Ok(())
 }
 
-async fn create_and_start(engine: &Engine, c: &Container, volume: &Path) -> Result<String, String> {
+async fn create_and_start(
+    engine: &Engine,
+    c: &Container,
+    volume: &Path,
+) -> Result<String, ContainerError> {
     make_bind_dirs(c, volume)?;
     let id = engine
         .create(&c.name, &create_body(c, volume))
         .await
-        .map_err(|e| format!("create: {e}"))?;
+        .map_err(ContainerError::Create)?;
     engine
         .start(&id)
         .await
-        .map_err(|e| format!("start {}: {e}", short(&id)))?;
+        .map_err(|source| ContainerError::Start {
+            id: short(&id).into(),
+            source,
+        })?;
     Ok(id)
 }
 
@@ -274,7 +301,7 @@ async fn carry_out(
         Step::Keep { name, id, start } => {
             if *start {
                 if let Err(e) = engine.start(id).await {
-                    return (name.clone(), Outcome::Failed(format!("start: {e}")));
+                    return (name.clone(), Outcome::Failed(ContainerError::StartKept(e)));
                 }
             }
             crate::log!("containers: {name} ({}) is as declared; kept", short(id));
@@ -312,14 +339,15 @@ async fn carry_out(
                     short(id)
                 );
                 let timeout = Duration::from_secs(declared.stop_timeout_secs);
+                let id_short = || short(id).to_string();
                 engine
                     .stop(id, timeout)
                     .await
-                    .map_err(|e| format!("stop {}: {e}", short(id)))?;
+                    .map_err(|source| ContainerError::Stop { id: id_short(), source })?;
                 engine
                     .remove(id)
                     .await
-                    .map_err(|e| format!("remove {}: {e}", short(id)))?;
+                    .map_err(|source| ContainerError::Remove { id: id_short(), source })?;
                 create_and_start(engine, declared, volume).await
             }
             .await;
@@ -394,7 +422,12 @@ pub async fn reconcile(
             );
             return declared
                 .iter()
-                .map(|d| (d.name.clone(), Outcome::Failed(e.to_string())))
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        Outcome::Failed(ContainerError::List(e.clone())),
+                    )
+                })
                 .collect();
         }
     };
@@ -408,7 +441,7 @@ pub async fn reconcile(
     .await;
     let running = outcomes
         .iter()
-        .filter(|(_, o)| *o == Outcome::Running)
+        .filter(|(_, o)| matches!(o, Outcome::Running))
         .count();
     let failed: Vec<String> = outcomes
         .iter()

@@ -236,13 +236,13 @@ pub fn write_daemon_json(
     paths: &Paths,
     cfg: &Docker,
     tls: Option<&TlsFiles>,
-) -> std::io::Result<PathBuf> {
+) -> Result<PathBuf, FileError> {
     let path = paths.p(DAEMON_JSON);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(FileError::at("mkdir", dir))?;
     }
     let text = serde_json::to_string_pretty(&daemon_json(cfg, tls)).unwrap_or_default();
-    std::fs::write(&path, text + "\n")?;
+    std::fs::write(&path, text + "\n").map_err(FileError::at("write", &path))?;
     Ok(path)
 }
 

@@ -145,3 +145,25 @@ async fn ping_reads_an_engine_api_answer() {
     assert!(wait_for_ping(&sock, Duration::from_secs(5)).await.is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_daemon_json_that_cannot_be_written_names_the_file() {
+    let root = std::env::temp_dir().join(format!("spotinit-daemonjson-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let paths = Paths::under(&root);
+    let path = write_daemon_json(&paths, &Docker::default(), None).unwrap();
+    assert_eq!(path, paths.p(DAEMON_JSON));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let e = write_daemon_json(&paths, &Docker::default(), None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "write {}: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(libc::EISDIR)
+        )
+    );
+    assert_eq!(e.source.raw_os_error(), Some(libc::EISDIR));
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -92,10 +92,19 @@ pub struct Existing {
     pub state: String,
 }
 
+/// Why Docker's container list is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("container list: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("container list: not an array")]
+    NotArray,
+}
+
 /// Docker's answer to `GET /containers/json?all=1`.
-pub fn parse_containers(body: &str) -> Result<Vec<Existing>, String> {
-    let v: Value = serde_json::from_str(body).map_err(|e| format!("container list: {e}"))?;
-    let list = v.as_array().ok_or("container list: not an array")?;
+pub fn parse_containers(body: &str) -> Result<Vec<Existing>, ListError> {
+    let v: Value = serde_json::from_str(body)?;
+    let list = v.as_array().ok_or(ListError::NotArray)?;
     Ok(list
         .iter()
         .filter_map(|c| {
@@ -206,7 +215,7 @@ impl Engine {
         let body = self
             .expect("GET", "/containers/json?all=1", None, &[200])
             .await?;
-        parse_containers(&body).map_err(EngineError::Transport)
+        parse_containers(&body).map_err(|e| EngineError::Transport(e.to_string()))
     }
 
     /// Whether the image is in Docker's store (on the state volume: no network needed).

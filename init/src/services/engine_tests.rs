@@ -121,3 +121,17 @@ async fn a_pull_streams_its_progress_and_fails_on_an_error_line() {
     );
     assert_eq!(seen[2], "GET /images/10.0.2.2:5000/nope:1/json HTTP/1.0 ");
 }
+
+#[test]
+fn a_container_list_that_is_not_one_is_named() {
+    assert_eq!(parse_containers("[]").unwrap(), []);
+    assert_eq!(
+        parse_containers("{}").unwrap_err().to_string(),
+        "container list: not an array"
+    );
+    let e = parse_containers("[").unwrap_err();
+    assert!(
+        matches!(&e, ListError::Json(_)) && e.to_string().starts_with("container list: "),
+        "{e}"
+    );
+}

@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Below the state volume's mount.
 pub const AUTH_FILE: &str = ".spotinit/registry-auth.json";
@@ -67,6 +67,29 @@ pub fn registry_of(image: &str) -> &str {
     }
 }
 
+/// Why the credentials file cannot be used. Never quotes a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryAuthError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        source: Box<RegistryAuthError>,
+    },
+    #[error("not JSON ({0})")]
+    NotJson(#[source] serde_json::Error),
+    #[error("no \"auths\" object (the form of Docker's config.json)")]
+    NoAuths,
+    #[error("{host}: \"auth\" is not base64 of user:password")]
+    BadAuth { host: String },
+    #[error("{host}: neither \"auth\" nor \"username\" and \"password\"")]
+    NoCredentials { host: String },
+}
+
 /// Credentials by registry host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegistryAuth {
@@ -76,39 +99,35 @@ pub struct RegistryAuth {
 impl RegistryAuth {
     /// The file's credentials; no file is no credentials. A file that cannot be read is an
     /// error naming it (the pulls that need it would fail less clearly).
-    pub fn load(volume: &Path) -> Result<RegistryAuth, String> {
+    pub fn load(volume: &Path) -> Result<RegistryAuth, RegistryAuthError> {
         let path = volume.join(AUTH_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => Self::parse(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(text) => Self::parse(&text).map_err(|e| RegistryAuthError::Invalid {
+                path,
+                source: Box::new(e),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RegistryAuth::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(RegistryAuthError::Read { path, source }),
         }
     }
 
     /// Docker's config.json form; messages never quote a secret.
-    pub fn parse(text: &str) -> Result<RegistryAuth, String> {
-        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
-        let auths = v["auths"]
-            .as_object()
-            .ok_or("no \"auths\" object (the form of Docker's config.json)")?;
+    pub fn parse(text: &str) -> Result<RegistryAuth, RegistryAuthError> {
+        let v: Value = serde_json::from_str(text).map_err(RegistryAuthError::NotJson)?;
+        let auths = v["auths"].as_object().ok_or(RegistryAuthError::NoAuths)?;
         let mut by_registry = BTreeMap::new();
         for (host, entry) in auths {
+            let bad_auth = || RegistryAuthError::BadAuth { host: host.clone() };
             let pair = if let Some(auth) = entry["auth"].as_str() {
                 let decoded = base64_decode(auth)
                     .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| format!("{host}: \"auth\" is not base64 of user:password"))?;
-                let (u, p) = decoded
-                    .split_once(':')
-                    .ok_or_else(|| format!("{host}: \"auth\" is not base64 of user:password"))?;
+                    .ok_or_else(bad_auth)?;
+                let (u, p) = decoded.split_once(':').ok_or_else(bad_auth)?;
                 (u.to_string(), p.to_string())
             } else {
                 match (entry["username"].as_str(), entry["password"].as_str()) {
                     (Some(u), Some(p)) => (u.to_string(), p.to_string()),
-                    _ => {
-                        return Err(format!(
-                            "{host}: neither \"auth\" nor \"username\" and \"password\""
-                        ))
-                    }
+                    _ => return Err(RegistryAuthError::NoCredentials { host: host.clone() }),
                 }
             };
             let host = host
@@ -199,9 +218,33 @@ mod tests {
     fn a_bad_file_is_named_without_its_secrets() {
         let e = RegistryAuth::parse(r#"{"auths": {"r.example": {"auth": "not base64!"}}}"#)
             .unwrap_err();
-        assert!(e.contains("r.example") && !e.contains("not base64!"), "{e}");
-        assert!(RegistryAuth::parse("{}").is_err());
+        assert_eq!(
+            e.to_string(),
+            "r.example: \"auth\" is not base64 of user:password"
+        );
+        let e = RegistryAuth::parse(r#"{"auths": {"r.example": {"username": "u"}}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "r.example: neither \"auth\" nor \"username\" and \"password\""
+        );
+        assert_eq!(
+            RegistryAuth::parse("{}").unwrap_err().to_string(),
+            "no \"auths\" object (the form of Docker's config.json)"
+        );
         let dir = std::env::temp_dir().join(format!("spotinit-regauth-{}", std::process::id()));
-        assert_eq!(RegistryAuth::load(&dir), Ok(RegistryAuth::default()));
+        assert_eq!(RegistryAuth::load(&dir).unwrap(), RegistryAuth::default());
+        std::fs::create_dir_all(dir.join(".spotinit")).unwrap();
+        std::fs::write(dir.join(AUTH_FILE), "{").unwrap();
+        let e = RegistryAuth::load(&dir).unwrap_err();
+        let json = serde_json::from_str::<Value>("{").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: not JSON ({json})", dir.join(AUTH_FILE).display())
+        );
+        let json = std::error::Error::source(&e)
+            .and_then(std::error::Error::source)
+            .expect("the JSON error is the source of the source");
+        assert!(json.is::<serde_json::Error>());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

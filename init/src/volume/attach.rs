@@ -1,6 +1,7 @@
 //! Owning the volume: attach it exclusively, handle a holder (live: refuse; dead: wait for EC2
 //! to release it, then optionally force-detach), wait for `attached`, and detach at shutdown.
 
+use super::device::DeviceError;
 use super::{Step, VolumeError};
 use crate::cloud::{
     AttachmentState, CloudError, Ec2, ErrorKind, Identity, InstanceState, SnapshotState, VolumeInfo,
@@ -275,11 +276,13 @@ async fn wait_attached<E: Ec2>(
             other => {
                 return Err(VolumeError::Device {
                     volume: volume_id.into(),
-                    detail: format!(
-                        "its attachment to {} went to {} while attaching",
-                        me.instance_id,
-                        other.as_ref().map_or("nothing", AttachmentState::as_str)
-                    ),
+                    source: DeviceError::Attachment {
+                        instance: me.instance_id.clone(),
+                        state: other
+                            .as_ref()
+                            .map_or("nothing", AttachmentState::as_str)
+                            .into(),
+                    },
                 })
             }
         }

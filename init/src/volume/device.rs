@@ -16,6 +16,32 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+/// Why the volume's disk is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device watcher stopped")]
+    WatcherStopped,
+    #[error(
+        "no disk with NVMe serial {serial} or name {name} appeared within {}; disks present: {}",
+        crate::console::human(*within),
+        if present.is_empty() { "none".into() } else { present.join(", ") }
+    )]
+    NotSeen {
+        serial: String,
+        name: String,
+        within: Duration,
+        /// `nvme0n1 (serial ...)`, or the name alone.
+        present: Vec<String>,
+    },
+    #[error("cannot read {device}: {source}")]
+    Unreadable {
+        device: String,
+        source: std::io::Error,
+    },
+    #[error("its attachment to {instance} went to {state} while attaching")]
+    Attachment { instance: String, state: String },
+}
+
 /// A kernel uevent, as far as we need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Uevent {
@@ -257,7 +283,11 @@ impl DeviceWatcher {
     }
 
     /// Waits for the volume's disk. On timeout the error lists the disks that are present.
-    pub async fn wait_for(&self, want: &VolumeMatch, deadline: Duration) -> Result<Disk, String> {
+    pub async fn wait_for(
+        &self,
+        want: &VolumeMatch,
+        deadline: Duration,
+    ) -> Result<Disk, DeviceError> {
         let rx = {
             let mut seen = self.lock();
             if let Some(d) = seen.disks.values().find(|d| want.matches(d)) {
@@ -276,9 +306,9 @@ impl DeviceWatcher {
             // A periodic rescan covers a lost event; it offers to the same waiters.
             match tokio::time::timeout(Duration::from_secs(2), &mut rx).await {
                 Ok(Ok(d)) => return Ok(d),
-                Ok(Err(_)) => return Err("device watcher stopped".into()),
+                Ok(Err(_)) => return Err(DeviceError::WatcherStopped),
                 Err(_) if start.elapsed() >= deadline => {
-                    let present: Vec<String> = self
+                    let present = self
                         .disks()
                         .iter()
                         .map(|d| match &d.serial {
@@ -286,13 +316,12 @@ impl DeviceWatcher {
                             None => d.name.clone(),
                         })
                         .collect();
-                    return Err(format!(
-                        "no disk with NVMe serial {} or name {} appeared within {}; disks present: {}",
-                        want.nvme_serial,
-                        want.xen_name,
-                        crate::console::human(deadline),
-                        if present.is_empty() { "none".into() } else { present.join(", ") }
-                    ));
+                    return Err(DeviceError::NotSeen {
+                        serial: want.nvme_serial.clone(),
+                        name: want.xen_name.clone(),
+                        within: deadline,
+                        present,
+                    });
                 }
                 Err(_) => self.rescan(),
             }
@@ -301,7 +330,7 @@ impl DeviceWatcher {
 }
 
 mod netlink {
-    use super::{parse_uevent, Uevent};
+    use crate::volume::device::{parse_uevent, Uevent};
     use nix::sys::socket::{
         bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
     };

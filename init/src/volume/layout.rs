@@ -41,30 +41,65 @@ pub fn record_path(paths: &Paths) -> PathBuf {
     paths.p(VOLUME_MOUNT).join(RECORD)
 }
 
-/// The record's text as a [`Record`], or TOML's message saying what is wrong with it. Missing
-/// keys take their defaults: records written by older versions lack the newer keys.
-pub fn parse_record(text: &str) -> Result<Record, String> {
-    toml::from_str(text).map_err(|e| e.message().to_string())
+/// Why the record cannot be read or written, or does not fit this boot.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{} is damaged: {}", path.display(), source.message())]
+    Damaged {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Serialize(#[source] toml::ser::Error),
+    #[error("it holds state of volume.mode = \"{recorded}\", but volume.mode is \"{configured}\": the state would not be where that mode looks. Set volume.mode = \"{recorded}\"")]
+    Mode {
+        recorded: String,
+        configured: String,
+    },
+    #[error("cannot create the state directories: {0}")]
+    StateDirs(#[source] std::io::Error),
 }
 
-pub fn read_record(paths: &Paths) -> Result<Option<Record>, String> {
-    let p = record_path(paths);
-    match std::fs::read_to_string(&p) {
+/// The record's text as a [`Record`]; the error's `message()` says what is wrong with it.
+/// Missing keys take their defaults: records written by older versions lack the newer keys.
+pub fn parse_record(text: &str) -> Result<Record, toml::de::Error> {
+    toml::from_str(text)
+}
+
+pub fn read_record(paths: &Paths) -> Result<Option<Record>, RecordError> {
+    let path = record_path(paths);
+    match std::fs::read_to_string(&path) {
         Ok(t) => parse_record(&t)
             .map(Some)
-            .map_err(|e| format!("{} is damaged: {e}", p.display())),
+            .map_err(|e| RecordError::Damaged {
+                path,
+                source: Box::new(e),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+        Err(source) => Err(RecordError::Read { path, source }),
     }
 }
 
 /// Writes the record durably: temp file, fsync, rename, fsync the directory.
-pub fn write_record(paths: &Paths, r: &Record) -> Result<(), String> {
+pub fn write_record(paths: &Paths, r: &Record) -> Result<(), RecordError> {
     let p = record_path(paths);
     let dir = p.parent().unwrap_or(Path::new("/"));
     let tmp = dir.join("record.toml.tmp");
-    let text = toml::to_string(r).map_err(|e| e.to_string())?;
-    let io = |e: std::io::Error| format!("cannot write {}: {e}", p.display());
+    let text = toml::to_string(r).map_err(RecordError::Serialize)?;
+    let io = |source| RecordError::Write {
+        path: p.clone(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)?;
@@ -74,6 +109,18 @@ pub fn write_record(paths: &Paths, r: &Record) -> Result<(), String> {
         .and_then(|d| d.sync_all())
         .map_err(io)?;
     Ok(())
+}
+
+/// Why the volume's filesystem could not be made read-only.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadOnlyError {
+    #[error(transparent)]
+    Remount(#[from] SysError),
+    #[error("{} is still read-write after remounting {} read-only", volume_mount.display(), target.display())]
+    StillWritable {
+        volume_mount: PathBuf,
+        target: PathBuf,
+    },
 }
 
 /// True when a filesystem root holds nothing but an empty `lost+found` (a fresh mkfs). A
@@ -244,6 +291,7 @@ pub fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error;
     use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
@@ -340,7 +388,73 @@ mod tests {
         write_record(&paths, &r).unwrap();
         assert_eq!(read_record(&paths).unwrap(), Some(r));
         std::fs::write(record_path(&paths), "format = [").unwrap();
-        assert!(read_record(&paths).unwrap_err().contains("damaged"));
+        let e = read_record(&paths).unwrap_err();
+        let toml = parse_record("format = [").unwrap_err();
+        let toml_message = toml.message();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is damaged: {toml_message}",
+                record_path(&paths).display()
+            )
+        );
+        assert_eq!(e.source().unwrap().to_string(), toml.to_string());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_record_keeps_the_io_error_down_to_the_volume_error() {
+        let root = std::env::temp_dir().join(format!("spotinit-recdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let paths = Paths::under(&root);
+        std::fs::create_dir_all(record_path(&paths)).unwrap();
+        let e = crate::volume::VolumeError::Record {
+            volume: "vol-1".into(),
+            source: read_record(&paths).unwrap_err(),
+        };
+        let eisdir = std::io::Error::from_raw_os_error(libc::EISDIR);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "state volume vol-1: cannot read {}: {eisdir}",
+                record_path(&paths).display()
+            )
+        );
+        let mut next: Option<&(dyn Error + 'static)> = Some(&e);
+        let mut io = None;
+        while let Some(err) = next {
+            io = io.or(err.downcast_ref::<std::io::Error>());
+            next = err.source();
+        }
+        assert_eq!(io.and_then(|e| e.raw_os_error()), Some(libc::EISDIR));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn record_errors_say_what_they_said_before() {
+        let mode = RecordError::Mode {
+            recorded: "persisted-root".into(),
+            configured: "docker".into(),
+        };
+        assert_eq!(
+            mode.to_string(),
+            "it holds state of volume.mode = \"persisted-root\", but volume.mode is \"docker\": the state would not be where that mode looks. Set volume.mode = \"persisted-root\""
+        );
+        let dirs = RecordError::StateDirs(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            dirs.to_string(),
+            format!(
+                "cannot create the state directories: {}",
+                std::io::Error::from_raw_os_error(libc::ENOSPC)
+            )
+        );
+        let ro = ReadOnlyError::StillWritable {
+            volume_mount: VOLUME_MOUNT.into(),
+            target: "/".into(),
+        };
+        assert_eq!(
+            ro.to_string(),
+            "/run/spotinit/volume is still read-write after remounting / read-only"
+        );
     }
 }

@@ -127,7 +127,10 @@ pub enum VolumeError {
         detail: String,
     },
     /// The disk did not appear, or could not be read.
-    Device { volume: String, detail: String },
+    Device {
+        volume: String,
+        source: device::DeviceError,
+    },
     /// The disk holds something that is not a filesystem we may use.
     ForeignData {
         volume: String,
@@ -169,7 +172,10 @@ pub enum VolumeError {
         configured: String,
     },
     /// The record is unreadable or belongs to another volume.
-    Record { volume: String, detail: String },
+    Record {
+        volume: String,
+        source: layout::RecordError,
+    },
     /// The `superseded-by` chain from a volume does not end at a volume that holds the state.
     Lineage { volume: String, detail: String },
     /// The volume was superseded (moved to another zone) after this instance chose it.
@@ -194,7 +200,12 @@ pub enum VolumeError {
         why: String,
     },
     /// Something still holds the volume's filesystem read-write at shutdown: not detached.
-    StillMounted { volume: String, detail: String },
+    StillMounted {
+        volume: String,
+        /// What holds it, and that making it read-only failed.
+        why: String,
+        source: layout::ReadOnlyError,
+    },
     /// The volume once held Docker state, and that state is not where it belongs.
     StateMissing {
         volume: String,
@@ -255,9 +266,9 @@ impl fmt::Display for VolumeError {
             VolumeError::Timeout { step, volume, detail } => {
                 write!(f, "cannot {step} state volume {volume}: {detail}")
             }
-            VolumeError::Device { volume, detail } => write!(
+            VolumeError::Device { volume, source } => write!(
                 f,
-                "state volume {volume} is attached but its disk is not usable: {detail}"
+                "state volume {volume} is attached but its disk is not usable: {source}"
             ),
             VolumeError::ForeignData { volume, device, found } => write!(
                 f,
@@ -288,8 +299,8 @@ impl fmt::Display for VolumeError {
                 f,
                 "state volume {volume} holds Docker state made with the {recorded} storage driver, but docker.storage_driver is {configured}: Docker would not see the existing containers and images. Set docker.storage_driver = \"{recorded}\", or migrate (README: changing the storage driver)"
             ),
-            VolumeError::Record { volume, detail } => {
-                write!(f, "state volume {volume}: {detail}")
+            VolumeError::Record { volume, source } => {
+                write!(f, "state volume {volume}: {source}")
             }
             VolumeError::Lineage { volume, detail } => write!(
                 f,
@@ -311,9 +322,9 @@ impl fmt::Display for VolumeError {
                 f,
                 "gave up moving state volume {volume}: {why}. The copy {copy} was dropped (never used); {volume} keeps the state"
             ),
-            VolumeError::StillMounted { volume, detail } => write!(
+            VolumeError::StillMounted { volume, why, source } => write!(
                 f,
-                "state volume {volume} is still mounted read-write ({detail}), so it is not detached: detaching a live filesystem could tear it. EC2 releases it when this instance is gone, and the next instance replays its journal"
+                "state volume {volume} is still mounted read-write ({why}: {source}), so it is not detached: detaching a live filesystem could tear it. EC2 releases it when this instance is gone, and the next instance replays its journal"
             ),
             VolumeError::StateMissing { volume, missing, lost_found, boots } => {
                 write!(
@@ -340,33 +351,70 @@ impl fmt::Display for VolumeError {
     }
 }
 
+/// Why Docker must not start on what is mounted: the golden rule does not hold.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{} is not mounted", .0.display())]
+    NotMounted(PathBuf),
+    #[error("the state volume is not mounted")]
+    VolumeNotMounted,
+    #[error("no root in mountinfo")]
+    NoRoot,
+    /// `target` is `mount`, not the volume's `dir/`.
+    #[error("{} is {} {} from device {}, not {dir}/ of the state volume (device {volume_device})", target.display(), mount.fstype, mount.root, mount.device)]
+    NotOnVolume {
+        target: PathBuf,
+        mount: Box<crate::sys::MountInfo>,
+        dir: &'static str,
+        volume_device: String,
+    },
+    #[error(transparent)]
+    Record(#[from] layout::RecordError),
+    #[error("the state volume has no record")]
+    NoRecord,
+    #[error("the record on the mounted volume (volume {volume}, instance {instance}) is not the one this boot wrote (volume {ours}, instance {our_instance})")]
+    NotThisBoot {
+        volume: String,
+        instance: String,
+        ours: String,
+        our_instance: String,
+    },
+    #[error("the record says storage driver {recorded}, the configuration {configured}")]
+    Driver {
+        recorded: String,
+        configured: String,
+    },
+}
+
 /// The golden rule, checked in one place right before containerd starts: /var/lib/docker and
 /// /var/lib/containerd are bind mounts of the state volume's directories, and the volume's
 /// record is the one this boot wrote. Anything else and Docker does not start.
-pub fn verify_docker_state(paths: &Paths, m: &Mounted, storage_driver: &str) -> Result<(), String> {
+pub fn verify_docker_state(
+    paths: &Paths,
+    m: &Mounted,
+    storage_driver: &str,
+) -> Result<(), StateError> {
     let mounts = crate::sys::mounts(paths);
     let volume_mount = paths.p(layout::VOLUME_MOUNT);
     let vol = mounts
         .iter()
         .rev()
         .find(|i| i.mount_point == volume_mount)
-        .ok_or_else(|| format!("{} is not mounted", volume_mount.display()))?;
+        .ok_or(StateError::NotMounted(volume_mount.clone()))?;
     for (dir, target) in layout::BINDS {
         let target = paths.p(target);
         let bound = mounts
             .iter()
             .rev()
             .find(|i| i.mount_point == target)
-            .ok_or_else(|| format!("{} is not mounted", target.display()))?;
+            .ok_or_else(|| StateError::NotMounted(target.clone()))?;
         if bound.device != vol.device || bound.root != format!("/{dir}") {
-            return Err(format!(
-                "{} is {} {} from device {}, not {dir}/ of the state volume (device {})",
-                target.display(),
-                bound.fstype,
-                bound.root,
-                bound.device,
-                vol.device
-            ));
+            return Err(StateError::NotOnVolume {
+                target,
+                mount: Box::new(bound.clone()),
+                dir,
+                volume_device: vol.device.clone(),
+            });
         }
     }
     check_record(paths, m, storage_driver)
@@ -378,46 +426,49 @@ pub fn verify_persisted_root(
     paths: &Paths,
     m: &Mounted,
     storage_driver: &str,
-) -> Result<(), String> {
+) -> Result<(), StateError> {
     let mounts = crate::sys::mounts(paths);
     let vol = mounts
         .iter()
         .rev()
         .find(|i| i.mount_point == paths.p(layout::VOLUME_MOUNT))
-        .ok_or_else(|| "the state volume is not mounted".to_string())?;
+        .ok_or(StateError::VolumeNotMounted)?;
     let root = mounts
         .iter()
         .rev()
         .find(|i| i.mount_point == paths.p("/"))
-        .ok_or_else(|| "no root in mountinfo".to_string())?;
+        .ok_or(StateError::NoRoot)?;
     if root.device != vol.device || root.root != format!("/{}", pivot::ROOTFS) {
-        return Err(format!(
-            "/ is {} {} from device {}, not {}/ of the state volume (device {})",
-            root.fstype,
-            root.root,
-            root.device,
-            pivot::ROOTFS,
-            vol.device
-        ));
+        return Err(StateError::NotOnVolume {
+            target: "/".into(),
+            mount: Box::new(root.clone()),
+            dir: pivot::ROOTFS,
+            volume_device: vol.device.clone(),
+        });
     }
     check_record(paths, m, storage_driver)
 }
 
 /// The record on the mounted volume is the one this boot wrote, with the configured driver.
-fn check_record(paths: &Paths, m: &Mounted, storage_driver: &str) -> Result<(), String> {
-    let record =
-        layout::read_record(paths)?.ok_or_else(|| "the state volume has no record".to_string())?;
+fn check_record(paths: &Paths, m: &Mounted, storage_driver: &str) -> Result<(), StateError> {
+    let record = layout::read_record(paths)?.ok_or(StateError::NoRecord)?;
     if record.volume_id != m.volume_id || record.last_instance != m.record.last_instance {
-        return Err(format!(
-            "the record on the mounted volume (volume {}, instance {}) is not the one this boot wrote (volume {}, instance {})",
-            record.volume_id, record.last_instance, m.volume_id, m.record.last_instance
-        ));
+        return Err(StateError::NotThisBoot {
+            volume: record.volume_id,
+            instance: record.last_instance,
+            ours: m.volume_id.clone(),
+            our_instance: m.record.last_instance.clone(),
+        });
     }
     if record.storage_driver != storage_driver {
-        return Err(format!(
-            "the record says storage driver {}, the configuration {storage_driver}",
-            record.storage_driver
-        ));
+        return Err(StateError::Driver {
+            recorded: record.storage_driver,
+            configured: storage_driver.into(),
+        });
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "mod_tests.rs"]
+mod tests;

@@ -240,7 +240,9 @@ fn volume_mount_binds_and_the_docker_state_check() {
                 record: record.clone(),
             };
             verify_docker_state(&paths, &mounted, "overlay2").unwrap();
-            let e = verify_docker_state(&paths, &mounted, "vfs").unwrap_err();
+            let e = verify_docker_state(&paths, &mounted, "vfs")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("storage driver overlay2"), "{e}");
             let other_boot = Mounted {
                 record: Record {
@@ -249,7 +251,9 @@ fn volume_mount_binds_and_the_docker_state_check() {
                 },
                 ..mounted.clone()
             };
-            let e = verify_docker_state(&paths, &other_boot, "overlay2").unwrap_err();
+            let e = verify_docker_state(&paths, &other_boot, "overlay2")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("not the one this boot wrote"), "{e}");
 
             let docker = paths.p("/var/lib/docker");
@@ -264,7 +268,9 @@ fn volume_mount_binds_and_the_docker_state_check() {
                     "",
                 ))
                 .unwrap();
-            let e = verify_docker_state(&paths, &mounted, "overlay2").unwrap_err();
+            let e = verify_docker_state(&paths, &mounted, "overlay2")
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains("/var/lib/docker is tmpfs")
                     && e.contains("not docker/ of the state volume"),
@@ -277,7 +283,9 @@ fn volume_mount_binds_and_the_docker_state_check() {
             Linux
                 .mount(&MountSpec::bind(vol.join("docker"), containerd.clone()))
                 .unwrap();
-            let e = verify_docker_state(&paths, &mounted, "overlay2").unwrap_err();
+            let e = verify_docker_state(&paths, &mounted, "overlay2")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("not containerd/ of the state volume"), "{e}");
             Linux.umount(&containerd, false).unwrap();
             // A directory of the root disk bound there instead.
@@ -286,19 +294,25 @@ fn volume_mount_binds_and_the_docker_state_check() {
             Linux
                 .mount(&MountSpec::bind(elsewhere, containerd.clone()))
                 .unwrap();
-            let e = verify_docker_state(&paths, &mounted, "overlay2").unwrap_err();
+            let e = verify_docker_state(&paths, &mounted, "overlay2")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("not containerd/ of the state volume"), "{e}");
             Linux.umount(&containerd, false).unwrap();
             verify_docker_state(&paths, &mounted, "overlay2").unwrap();
 
             // The bind missing: refused, and what was written went to the volume, not the root.
             Linux.umount(&containerd, false).unwrap();
-            let e = verify_docker_state(&paths, &mounted, "overlay2").unwrap_err();
+            let e = verify_docker_state(&paths, &mounted, "overlay2")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("/var/lib/containerd is not mounted"), "{e}");
             assert!(!containerd.join("meta.db").exists());
             Linux.umount(&docker, false).unwrap();
             Linux.umount(&vol, false).unwrap();
-            let e = verify_docker_state(&paths, &mounted, "overlay2").unwrap_err();
+            let e = verify_docker_state(&paths, &mounted, "overlay2")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("/run/spotinit/volume is not mounted"), "{e}");
             assert!(mounts_under(&root).is_empty());
 

@@ -6,7 +6,7 @@ use crate::cloud::tags;
 use crate::cloud::Ec2;
 use crate::console::human;
 use crate::sys::System;
-use crate::volume::device::{io_timeout_files, VolumeMatch};
+use crate::volume::device::{io_timeout_files, DeviceError, VolumeMatch};
 use crate::volume::fs::{self, Decision, Origin};
 use crate::volume::select::{self, FORMAT_DONE, FORMAT_STARTED};
 use crate::volume::{Step, VolumeError};
@@ -25,9 +25,9 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             .devices
             .wait_for(&want, Duration::from_secs(self.cfg.device_timeout_secs))
             .await
-            .map_err(|detail| VolumeError::Device {
+            .map_err(|source| VolumeError::Device {
                 volume: volume_id.into(),
-                detail,
+                source,
             })?;
         let path = self.paths.p("/dev").join(&disk.name);
         crate::log!(
@@ -65,9 +65,12 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         device: &Path,
     ) -> Result<bool, VolumeError> {
         let dev = device.display().to_string();
-        let unreadable = |e: std::io::Error| VolumeError::Device {
+        let unreadable = |source| VolumeError::Device {
             volume: volume_id.into(),
-            detail: format!("cannot read {dev}: {e}"),
+            source: DeviceError::Unreadable {
+                device: dev.clone(),
+                source,
+            },
         };
         let (size, content) = fs::probe(device).map_err(unreadable)?;
         let info = self.info.clone().unwrap_or_default();

@@ -7,7 +7,7 @@ use crate::config::VolumeMode;
 use crate::console::human;
 use crate::sys::System;
 use crate::volume::fs;
-use crate::volume::layout::{self, Record, RECORD_FORMAT};
+use crate::volume::layout::{self, Record, RecordError, RECORD_FORMAT};
 use crate::volume::{pivot, Mounted, Step, VolumeError};
 use std::path::Path;
 use std::time::SystemTime;
@@ -34,9 +34,9 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             layout::mount_volume(&*self.sys, &self.paths, device).map_err(sys_err(Step::Mount))?;
             self.mounts.push(vol_mount.clone());
         }
-        let record_err = |detail: String| VolumeError::Record {
+        let record_err = |source| VolumeError::Record {
             volume: volume_id.into(),
-            detail,
+            source,
         };
         let mode = self.mode();
         let previous = layout::read_record(&self.paths).map_err(record_err)?;
@@ -51,10 +51,10 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                     });
                 }
                 if !r.mode.is_empty() && r.mode != mode {
-                    return Err(record_err(format!(
-                        "it holds state of volume.mode = \"{}\", but volume.mode is \"{mode}\": the state would not be where that mode looks. Set volume.mode = \"{}\"",
-                        r.mode, r.mode
-                    )));
+                    return Err(record_err(RecordError::Mode {
+                        recorded: r.mode,
+                        configured: mode,
+                    }));
                 }
                 // State that has been used lives in its directories; an empty directory in
                 // their place would start Docker on nothing.
@@ -93,9 +93,8 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                 if self.cfg.mode == VolumeMode::PersistedRoot {
                     self.seed_root(volume_id, &vol_mount).await?;
                 } else {
-                    layout::create_state_dirs(&self.paths, &mode).map_err(|e| {
-                        record_err(format!("cannot create the state directories: {e}"))
-                    })?;
+                    layout::create_state_dirs(&self.paths, &mode)
+                        .map_err(|e| record_err(RecordError::StateDirs(e)))?;
                 }
                 Record {
                     format: RECORD_FORMAT,

@@ -5,7 +5,7 @@ use super::EbsVolume;
 use crate::cloud::Ec2;
 use crate::config::VolumeMode;
 use crate::sys::{MsFlags, System};
-use crate::volume::layout::{self, Record};
+use crate::volume::layout::{self, ReadOnlyError, Record};
 use crate::volume::VolumeError;
 use nix::errno::Errno;
 use std::path::Path;
@@ -30,7 +30,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
     }
 
     /// Makes the volume's filesystem read-only for every mount of it, and checks it is.
-    async fn remount_read_only(&self, target: &Path) -> Result<(), String> {
+    async fn remount_read_only(&self, target: &Path) -> Result<(), ReadOnlyError> {
         let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         let mut tries = 0;
         loop {
@@ -41,17 +41,16 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
         let vol_mount = self.paths.p(layout::VOLUME_MOUNT);
         let all = crate::sys::mounts(&self.paths);
         match all.iter().rev().find(|m| m.mount_point == vol_mount) {
-            Some(m) if !m.fs_read_only() => Err(format!(
-                "{} is still read-write after remounting {} read-only",
-                vol_mount.display(),
-                target.display()
-            )),
+            Some(m) if !m.fs_read_only() => Err(ReadOnlyError::StillWritable {
+                volume_mount: vol_mount,
+                target: target.to_owned(),
+            }),
             _ => Ok(()),
         }
     }
@@ -122,13 +121,14 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                         self.mounts.clear();
                         Ok(())
                     }
-                    Err(detail) => {
+                    Err(source) => {
                         if let Some(r) = &record {
                             self.mark_shutdown(r, false);
                         }
                         Err(VolumeError::StillMounted {
                             volume: self.vol(),
-                            detail: format!("/ is on it and cannot be made read-only: {detail}"),
+                            why: "/ is on it and cannot be made read-only".into(),
+                            source,
                         })
                     }
                 };
@@ -168,16 +168,17 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                 self.mounts.clear();
                 Ok(())
             }
-            Err(detail) => Err(VolumeError::StillMounted {
+            Err(source) => Err(VolumeError::StillMounted {
                 volume: self.vol(),
-                detail: format!(
-                    "{}; making it read-only failed: {detail}",
+                why: format!(
+                    "{}; making it read-only failed",
                     if holders.is_empty() {
                         format!("{} is busy", vol_mount.display())
                     } else {
                         format!("still mounted: {}", holders.join(", "))
                     }
                 ),
+                source,
             }),
         }
     }
