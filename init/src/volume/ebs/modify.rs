@@ -33,7 +33,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         let plan = modify::plan(&has, &self.cfg);
         if let Some((has_gib, asked)) = plan.shrink_refused {
             crate::log!(
-                "volume: {volume_id} has {has_gib} GiB and volume.size_gib asks for {asked}: EBS volumes cannot shrink, so it stays at {has_gib} GiB. Set volume.size_gib = {has_gib} to say so"
+                "volume: {volume_id} has {has_gib} GiB and volume.size_gib asks for {asked}: EBS volumes cannot shrink, so it stays at {has_gib} GiB; set volume.size_gib = {has_gib} to match"
             );
         }
         let Some(change) = plan.change else {
