@@ -93,6 +93,10 @@ pub struct Volume {
     pub attach_timeout_secs: u64,
     /// How long to wait for EC2 to release a volume held by a stopped or terminated instance.
     pub release_wait_secs: u64,
+    /// How long to wait for a live instance holding the volume to let it go (capacity
+    /// rebalancing: the replacement boots while the old instance still runs). 0: fail at once,
+    /// and [failure] retries.
+    pub live_holder_wait_secs: u64,
     /// When that wait ends, force-detach (the filesystem then gets a full check).
     pub force_detach: bool,
     /// How long to wait for the attached volume's block device to appear.
@@ -122,6 +126,7 @@ impl Default for Volume {
             delete_superseded: false,
             attach_timeout_secs: 120,
             release_wait_secs: 600,
+            live_holder_wait_secs: 600,
             force_detach: false,
             device_timeout_secs: 60,
             snapshot_timeout_secs: 3600,

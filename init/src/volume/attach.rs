@@ -1,5 +1,6 @@
-//! Owning the volume: attach it exclusively, handle a holder (live: refuse; dead: wait for EC2
-//! to release it, then optionally force-detach), wait for `attached`, and detach at shutdown.
+//! Owning the volume: attach it exclusively, handle a holder (live: wait for it to let go, then
+//! refuse; dead: wait for EC2 to release it, then optionally force-detach), wait for `attached`,
+//! and detach at shutdown.
 
 use super::device::DeviceError;
 use super::{Step, VolumeError};
@@ -91,8 +92,16 @@ pub async fn refuse_live_holder<E: Ec2>(
     })
 }
 
-/// Waits until no other instance holds the volume. A running holder is an error at once; a dead
-/// one is waited out for `release_wait_secs`, then force-detached if configured.
+/// How often the volume is read while another instance holds it: a handover is noticed within
+/// this of the release. The holder's own state changes less often and is read less often.
+const HOLDER_POLL: Duration = Duration::from_secs(1);
+const HOLDER_STATE_EVERY: Duration = Duration::from_secs(10);
+/// How often a long wait says so on the console.
+const WAIT_LINE_EVERY: Duration = Duration::from_secs(30);
+
+/// Waits until no other instance holds the volume. A live holder is waited for up to
+/// `live_holder_wait_secs` (then an error, retried per `[failure]`); a dead one for
+/// `release_wait_secs`, then force-detached if configured.
 pub async fn wait_unheld<E: Ec2>(
     ec2: &E,
     v: &VolumeInfo,
@@ -103,6 +112,13 @@ pub async fn wait_unheld<E: Ec2>(
     Ok(v)
 }
 
+/// What is known of the instance holding the volume, and since when it is waited for.
+struct Holder {
+    id: String,
+    state: InstanceState,
+    read_at: Instant,
+}
+
 async fn wait_unheld_forced<E: Ec2>(
     ec2: &E,
     v: &VolumeInfo,
@@ -111,72 +127,113 @@ async fn wait_unheld_forced<E: Ec2>(
 ) -> Result<(VolumeInfo, bool), VolumeError> {
     let mut v = v.clone();
     let release_wait = Duration::from_secs(cfg.release_wait_secs);
-    let mut waiting_since: Option<Instant> = None;
+    let live_wait = Duration::from_secs(cfg.live_holder_wait_secs);
+    let mut live_since: Option<Instant> = None;
+    let mut dead_since: Option<Instant> = None;
+    let mut holder_seen: Option<Holder> = None;
     let mut last_line = Instant::now();
     let mut forced = false;
     loop {
         let Some(att) = holder(&v, me).cloned() else {
-            if let Some(since) = waiting_since {
+            if let Some(since) = dead_since.or(live_since) {
                 crate::log!("volume: {} released after {}", v.id, human(since.elapsed()));
             }
             return Ok((v, forced));
         };
-        let inst = api("DescribeInstances", || {
-            ec2.describe_instance(&att.instance_id)
-        })
-        .await
-        .map_err(api_err(Step::Attach))?;
-        let state = inst.map_or(InstanceState::Terminated, |i| i.state);
-        if !is_dead(&state) {
-            return Err(VolumeError::HeldByRunning {
-                volume: v.id.clone(),
-                holder: att.instance_id.clone(),
-                state,
-            });
-        }
-        let since = *waiting_since.get_or_insert_with(|| {
-            crate::log!(
-                "volume: {} is still attached to {} ({state}, attachment {}); waiting up to {} for EC2 to release it",
-                v.id,
-                att.instance_id,
-                att.state,
-                human(release_wait)
-            );
-            Instant::now()
-        });
-        if since.elapsed() >= release_wait {
-            if !cfg.force_detach || forced {
-                return Err(VolumeError::NotReleased {
-                    volume: v.id.clone(),
-                    holder: att.instance_id.clone(),
-                    state,
-                    waited: since.elapsed(),
-                });
-            }
-            crate::log!(
-                "volume: force-detaching {} from {} ({state}) after {} (volume.force_detach); its filesystem gets a full check",
-                v.id,
-                att.instance_id,
-                human(since.elapsed())
-            );
-            api("DetachVolume", || {
-                ec2.detach_volume(&v.id, &att.instance_id, true)
+        let stale = holder_seen
+            .as_ref()
+            .is_none_or(|h| h.id != att.instance_id || h.read_at.elapsed() >= HOLDER_STATE_EVERY);
+        if stale {
+            let inst = api("DescribeInstances", || {
+                ec2.describe_instance(&att.instance_id)
             })
             .await
             .map_err(api_err(Step::Attach))?;
-            forced = true;
-            waiting_since = Some(Instant::now());
-        } else if last_line.elapsed() >= Duration::from_secs(30) {
-            crate::log!(
-                "volume: {} still held by {} ({state}); waited {} of {}",
-                v.id,
-                att.instance_id,
-                human(since.elapsed()),
-                human(release_wait)
-            );
-            last_line = Instant::now();
+            holder_seen = Some(Holder {
+                id: att.instance_id.clone(),
+                state: inst.map_or(InstanceState::Terminated, |i| i.state),
+                read_at: Instant::now(),
+            });
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let state = holder_seen
+            .as_ref()
+            .map(|h| h.state.clone())
+            .unwrap_or_default();
+        if !is_dead(&state) {
+            let since = *live_since.get_or_insert_with(|| {
+                if !live_wait.is_zero() {
+                    crate::log!(
+                        "volume: {} is attached to {}, which is {state}: another live instance owns this state. Waiting up to {} (volume.live_holder_wait_secs) for it to let go, as an instance being replaced does when it drains",
+                        v.id,
+                        att.instance_id,
+                        human(live_wait)
+                    );
+                }
+                Instant::now()
+            });
+            if since.elapsed() >= live_wait {
+                return Err(VolumeError::HeldByRunning {
+                    volume: v.id.clone(),
+                    holder: att.instance_id.clone(),
+                    state,
+                });
+            }
+            if last_line.elapsed() >= WAIT_LINE_EVERY {
+                crate::log!(
+                    "volume: {} still held by {} ({state}, attachment {}); waited {} of {}",
+                    v.id,
+                    att.instance_id,
+                    att.state,
+                    human(since.elapsed()),
+                    human(live_wait)
+                );
+                last_line = Instant::now();
+            }
+        } else {
+            let since = *dead_since.get_or_insert_with(|| {
+                crate::log!(
+                    "volume: {} is still attached to {} ({state}, attachment {}); waiting up to {} for EC2 to release it",
+                    v.id,
+                    att.instance_id,
+                    att.state,
+                    human(release_wait)
+                );
+                Instant::now()
+            });
+            if since.elapsed() >= release_wait {
+                if !cfg.force_detach || forced {
+                    return Err(VolumeError::NotReleased {
+                        volume: v.id.clone(),
+                        holder: att.instance_id.clone(),
+                        state,
+                        waited: since.elapsed(),
+                    });
+                }
+                crate::log!(
+                    "volume: force-detaching {} from {} ({state}) after {} (volume.force_detach); its filesystem gets a full check",
+                    v.id,
+                    att.instance_id,
+                    human(since.elapsed())
+                );
+                api("DetachVolume", || {
+                    ec2.detach_volume(&v.id, &att.instance_id, true)
+                })
+                .await
+                .map_err(api_err(Step::Attach))?;
+                forced = true;
+                dead_since = Some(Instant::now());
+            } else if last_line.elapsed() >= WAIT_LINE_EVERY {
+                crate::log!(
+                    "volume: {} still held by {} ({state}); waited {} of {}",
+                    v.id,
+                    att.instance_id,
+                    human(since.elapsed()),
+                    human(release_wait)
+                );
+                last_line = Instant::now();
+            }
+        }
+        tokio::time::sleep(HOLDER_POLL).await;
         v = describe(ec2, &v.id, Step::Attach).await?;
     }
 }

@@ -240,6 +240,8 @@ pub fn vcfg() -> config::Volume {
         attach_timeout_secs: 30,
         device_timeout_secs: 10,
         release_wait_secs: 60,
+        // Fail at once on a live holder, as the tests of that expect; the handover test sets it.
+        live_holder_wait_secs: 0,
         snapshot_timeout_secs: 60,
         ..config::Volume::default()
     }

@@ -317,6 +317,64 @@ async fn a_running_holder_keeps_the_volume() {
     assert_eq!(v[0].attachments[0].instance_id, a.id, "A still holds it");
 }
 
+/// Capacity rebalancing: the replacement boots while the old instance still holds the volume.
+/// With `live_holder_wait_secs` it waits instead of failing, and attaches within about a second
+/// of the release (the old way, failing and retrying per `[failure]`, took up to 30 s more).
+#[tokio::test]
+async fn a_live_holder_is_waited_for_and_its_release_taken_over_at_once() {
+    let w = World::start(fast()).await;
+    let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    a.volume.acquire().await.unwrap();
+    let b = w
+        .instance(
+            "us-east-1a",
+            config::Volume {
+                live_holder_wait_secs: 60,
+                ..vcfg()
+            },
+            "overlay2",
+        )
+        .await;
+    let b_id = b.id.clone();
+    let mut b_volume = b.volume;
+    let waiting = tokio::spawn(async move { b_volume.acquire().await.map(|_| b_volume) });
+    // B polls the volume while A holds it; A then drains (the old instance's termination).
+    let describes = |w: &World| {
+        w.fidelity
+            .requests()
+            .iter()
+            .filter(|r| r.action == "DescribeVolumes")
+            .count()
+    };
+    let before = describes(&w);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while describes(&w) < before + 3 {
+        assert!(std::time::Instant::now() < deadline, "B does not poll");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!waiting.is_finished(), "B waits while A lives");
+    a.volume.release().await.unwrap();
+    let mut b_volume = waiting.await.unwrap().expect("B takes the volume");
+    let history = w.fidelity.attachment_history();
+    let a_until = history
+        .iter()
+        .find(|x| x.instance == a.id)
+        .and_then(|x| x.until)
+        .expect("A's attachment ended");
+    let b_from = history
+        .iter()
+        .find(|x| x.instance == b_id)
+        .expect("B attached")
+        .from;
+    let gap = b_from.saturating_duration_since(a_until);
+    println!("B's AttachVolume reached EC2 {gap:?} after A's detach completed");
+    assert!(
+        gap < Duration::from_secs(5),
+        "B noticed the release {gap:?} late"
+    );
+    b_volume.release().await.unwrap();
+}
+
 /// A shutdown can interrupt the volume phase right after AttachVolume (a spot notice during the
 /// boot). EC2 refuses to detach an attachment still `attaching` (IncorrectState); the release
 /// waits for it to settle and detaches it, instead of leaving it attached behind the drain.

@@ -15,6 +15,9 @@ pub struct UserData {
     pub storage_driver: String,
     /// spotinit refuses less than 60.
     pub release_wait_secs: u64,
+    /// 0 here (spotinit's default is 600): the scenarios of a live holder expect the boot to
+    /// fail at once and retry; the handover scenario waits.
+    pub live_holder_wait_secs: u64,
     pub force_detach: bool,
     pub failure_action: String,
     pub retry_for_secs: u64,
@@ -36,6 +39,7 @@ impl UserData {
             create: true,
             storage_driver: "overlay2".into(),
             release_wait_secs: 60,
+            live_holder_wait_secs: 0,
             force_detach: false,
             failure_action: "poweroff".into(),
             retry_for_secs: 60,
@@ -48,12 +52,13 @@ impl UserData {
 
     pub fn to_toml(&self) -> String {
         let mut t = format!(
-            "[volume]\nsize_gib = {}\ncreate = {}\nrelease_wait_secs = {}\nforce_detach = {}\n\
+            "[volume]\nsize_gib = {}\ncreate = {}\nrelease_wait_secs = {}\nlive_holder_wait_secs = {}\nforce_detach = {}\n\
              attach_timeout_secs = 120\ndevice_timeout_secs = 60\nsnapshot_timeout_secs = 300\n\
              [volume.tags]\nName = \"{}\"\n\n[docker]\nstorage_driver = \"{}\"\n",
             self.size_gib,
             self.create,
             self.release_wait_secs,
+            self.live_holder_wait_secs,
             self.force_detach,
             self.volume_name,
             self.storage_driver
