@@ -1,7 +1,8 @@
 //! The counter image: busybox-static, its applets, an entrypoint and the CGI scripts, as a
 //! tarball made on the host; imported through the API or pushed to the test registry.
 
-use super::tar::Tar;
+use tar::{Builder, EntryType, Header};
+
 use super::Docker;
 use crate::qemu::{Error, Result};
 
@@ -56,7 +57,12 @@ pub fn counter_image_tar() -> Result<Vec<u8>> {
         .output()
         .map_err(|e| Error::new(format!("{busybox_path} --list-full: {e}")))?;
     let applets = String::from_utf8_lossy(&list.stdout).into_owned();
-    let mut tar = Tar::default();
+    image_tar(&busybox, &applets).map_err(|e| Error::new(format!("counter image tar: {e}")))
+}
+
+/// The image's entries in a fixed order, so every build gives the same bytes.
+fn image_tar(busybox: &[u8], applets: &str) -> std::io::Result<Vec<u8>> {
+    let mut tar = Builder::new(Vec::new());
     for dir in [
         "bin",
         "sbin",
@@ -72,25 +78,63 @@ pub fn counter_image_tar() -> Result<Vec<u8>> {
         "dev",
         "etc",
     ] {
-        tar.dir(dir, if dir == "tmp" { 0o1777 } else { 0o755 });
+        let mode = if dir == "tmp" { 0o1777 } else { 0o755 };
+        let mut header = root_header(EntryType::Directory, mode, 0)?;
+        tar.append_data(&mut header, format!("{dir}/"), std::io::empty())?;
     }
-    tar.file("bin/busybox", 0o755, &busybox);
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
-        if applet != "bin/busybox" {
-            tar.symlink(applet, "/bin/busybox");
+    append_file(&mut tar, "bin/busybox", 0o755, busybox)?;
+    for applet in applets.lines().map(str::trim) {
+        if !applet.is_empty() && applet != "bin/busybox" {
+            let mut header = root_header(EntryType::Symlink, 0o777, 0)?;
+            tar.append_link(&mut header, applet, "/bin/busybox")?;
         }
     }
-    tar.file("bin/serve", 0o755, ENTRYPOINT.as_bytes());
-    tar.file("www/cgi-bin/increment", 0o755, INCREMENT.as_bytes());
-    tar.file("www/cgi-bin/value", 0o755, VALUE.as_bytes());
-    tar.file(
+    append_file(&mut tar, "bin/serve", 0o755, ENTRYPOINT.as_bytes())?;
+    append_file(
+        &mut tar,
+        "www/cgi-bin/increment",
+        0o755,
+        INCREMENT.as_bytes(),
+    )?;
+    append_file(&mut tar, "www/cgi-bin/value", 0o755, VALUE.as_bytes())?;
+    append_file(
+        &mut tar,
         "www/index.html",
         0o644,
         b"spotworld counter: /cgi-bin/increment, /cgi-bin/value\n",
-    );
-    tar.file("etc/passwd", 0o644, b"root:x:0:0:root:/:/bin/sh\n");
-    tar.file("etc/group", 0o644, b"root:x:0:\n");
-    Ok(tar.finish())
+    )?;
+    append_file(
+        &mut tar,
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/:/bin/sh\n",
+    )?;
+    append_file(&mut tar, "etc/group", 0o644, b"root:x:0:\n")?;
+    tar.into_inner()
+}
+
+fn append_file(
+    tar: &mut Builder<Vec<u8>>,
+    name: &str,
+    mode: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut header = root_header(EntryType::Regular, mode, data.len() as u64)?;
+    tar.append_data(&mut header, name, data)
+}
+
+/// A ustar header owned by root/root with time 0.
+fn root_header(kind: EntryType, mode: u32, size: u64) -> std::io::Result<Header> {
+    let mut header = Header::new_ustar();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_size(size);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_username("root")?;
+    header.set_groupname("root")?;
+    Ok(header)
 }
 
 /// Imports the counter image (`docker import` of [`counter_image_tar`]).
@@ -159,6 +203,53 @@ mod tests {
         assert!(listing.contains("bin/busybox"), "{listing}");
         assert!(listing.contains("www/cgi-bin/increment"), "{listing}");
         assert!(listing.contains("-rwxr-xr-x root/root"), "{listing}");
+    }
+
+    /// Read back with `tar::Archive`: names in order, root-owned at time 0, modes, contents.
+    #[test]
+    fn counter_image_reads_back_and_is_deterministic() {
+        let tar = counter_image_tar().expect("busybox-static is installed");
+        assert_eq!(tar, counter_image_tar().unwrap(), "two builds differ");
+        let busybox = std::fs::read("/bin/busybox").unwrap();
+        let mut entries = Vec::new();
+        for entry in tar::Archive::new(&tar[..]).entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let header = entry.header();
+            assert_eq!((header.uid().unwrap(), header.gid().unwrap()), (0, 0));
+            assert_eq!(header.mtime().unwrap(), 0);
+            assert_eq!(header.username().unwrap(), Some("root"));
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            let mode = header.mode().unwrap();
+            let kind = header.entry_type();
+            let link = entry.link_name().unwrap().map(|l| l.into_owned());
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            entries.push((name, mode, kind, link, data));
+        }
+        let find = |name: &str| {
+            entries
+                .iter()
+                .find(|e| e.0 == name)
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(entries[0].0, "bin/");
+        assert_eq!(find("tmp/").1, 0o1777);
+        assert_eq!(find("tmp/").2, EntryType::Directory);
+        let bb = find("bin/busybox");
+        assert_eq!((bb.1, bb.2), (0o755, EntryType::Regular));
+        assert!(bb.4 == busybox, "bin/busybox is not /bin/busybox");
+        let sh = find("bin/sh");
+        assert_eq!(sh.2, EntryType::Symlink);
+        assert_eq!(sh.3.as_deref(), Some(std::path::Path::new("/bin/busybox")));
+        let increment = find("www/cgi-bin/increment");
+        assert_eq!(
+            (increment.1, &increment.4[..]),
+            (0o755, INCREMENT.as_bytes())
+        );
+        assert_eq!(find("bin/serve").4, ENTRYPOINT.as_bytes());
+        assert_eq!(find("www/cgi-bin/value").4, VALUE.as_bytes());
+        assert_eq!(find("etc/passwd").1, 0o644);
+        assert_eq!(entries.last().unwrap().0, "etc/group");
     }
 
     #[test]

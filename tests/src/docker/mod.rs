@@ -10,13 +10,12 @@
 //! over the old file, `sync -f` (syncfs: the rename is committed too), and only then the answer.
 //! So every value the service answered survives a hard kill of the instance.
 //!
-//! One file per part: the Engine API client (`client`), the counter image (`image`) and the tar
-//! writer it is made with (`tar`), the counter's container and its HTTP client (`counter`).
+//! One file per part: the Engine API client (`client`), the counter image (`image`), the
+//! counter's container and its HTTP client (`counter`).
 
 mod client;
 mod counter;
 mod image;
-mod tar;
 
 pub use client::{ContainerSpec, ContainerSummary, Docker};
 pub use counter::{

@@ -1,7 +1,16 @@
 //! Form bodies: the parameters of a Query request, parsed, built and encoded as the SDKs do,
 //! with the flattened lists (`VolumeId.N`, `Filter.N.*`, `TagSpecification.N.*`) read back.
 
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
 use super::Filter;
+
+/// What the AWS SDKs escape as `%XX`: every byte but the RFC 3986 unreserved characters.
+const SDK_ENCODED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// The parameters of one Query request, in the order they came.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -10,18 +19,11 @@ pub struct Params(Vec<(String, String)>);
 impl Params {
     /// Parses an `application/x-www-form-urlencoded` body (or URL query string).
     pub fn parse(body: &[u8]) -> Params {
-        let mut params = Vec::new();
-        for pair in body.split(|b| *b == b'&') {
-            if pair.is_empty() {
-                continue;
-            }
-            let (key, value) = match pair.iter().position(|b| *b == b'=') {
-                Some(i) => (&pair[..i], &pair[i + 1..]),
-                None => (pair, &b""[..]),
-            };
-            params.push((form_decode(key), form_decode(value)));
-        }
-        Params(params)
+        Params(
+            form_urlencoded::parse(body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
     }
 
     /// Builds parameters from `(key, value)` pairs.
@@ -36,18 +38,19 @@ impl Params {
         )
     }
 
-    /// Encodes back to a form body.
+    /// Encodes back to a form body, as the AWS SDKs do.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            out.push_str(&form_encode(k));
-            out.push('=');
-            out.push_str(&form_encode(v));
-        }
-        out
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{}={}",
+                    utf8_percent_encode(k, SDK_ENCODED),
+                    utf8_percent_encode(v, SDK_ENCODED)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&")
     }
 
     /// The first value of `key`.
@@ -203,59 +206,6 @@ pub struct TagSpecification {
     pub tags: Vec<(String, String)>,
 }
 
-/// Decodes one form component: `+` is a space, `%XX` a byte; invalid escapes stay as they are.
-pub fn form_decode(raw: &[u8]) -> String {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' if i + 2 < raw.len() => match (hex_value(raw[i + 1]), hex_value(raw[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 3;
-                }
-                _ => {
-                    out.push(b'%');
-                    i += 1;
-                }
-            },
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// Encodes one form component the way the AWS SDKs do (RFC 3986 unreserved characters stay,
-/// everything else is `%XX`).
-pub fn form_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,12 +223,26 @@ mod tests {
         // A broken escape stays literal instead of being dropped.
         assert_eq!(Params::parse(b"A=100%").get("A"), Some("100%"));
         assert_eq!(Params::parse(b"A=%zz").get("A"), Some("%zz"));
+        assert_eq!(Params::parse(b"A=%4").get("A"), Some("%4"));
+        assert_eq!(Params::parse(b"A=a%2Bb+c").get("A"), Some("a+b c"));
+        assert_eq!(Params::parse(b"&&A=1&&").pairs().len(), 1);
+    }
+
+    #[test]
+    fn encodes_as_the_sdks_do() {
+        let p = Params::from_pairs([("Tag.1.Value", "a b+c*d/é~-_.")]);
+        assert_eq!(p.encode(), "Tag.1.Value=a%20b%2Bc%2Ad%2F%C3%A9~-_.");
+        let p = Params::from_pairs([("Action", "X"), ("Empty", "")]);
+        assert_eq!(p.encode(), "Action=X&Empty=");
     }
 
     #[test]
     fn encode_round_trips() {
-        let p = Params::from_pairs([("Action", "X"), ("Tag.1.Value", "a b&c=d/é")]);
-        assert_eq!(Params::parse(p.encode().as_bytes()), p);
+        let value = "a b*c/d=e&f~g +été 日本";
+        let p = Params::from_pairs([("Action", "X"), ("Tag.1.Value", value)]);
+        let parsed = Params::parse(p.encode().as_bytes());
+        assert_eq!(parsed.get("Tag.1.Value"), Some(value));
+        assert_eq!(parsed, p);
     }
 
     #[test]

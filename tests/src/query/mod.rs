@@ -21,7 +21,7 @@ mod xml;
 
 pub use error::{error_document, parse_error_document, status_for_code, Ec2Error};
 pub use filter::Filter;
-pub use form::{form_decode, form_encode, Params, TagSpecification};
+pub use form::{Params, TagSpecification};
 pub use ids::{random_token, request_id};
 pub use server::{http_response, serve_loopback, HttpResponse};
 pub use time::format_time;
