@@ -16,6 +16,7 @@ pub mod machine;
 pub mod power;
 pub mod retry;
 pub mod run;
+pub mod scheduled;
 pub mod services;
 pub mod shutdown;
 pub mod sys;

@@ -252,6 +252,9 @@ pub struct Spot {
     /// On a rebalance recommendation, start a snapshot of the state volume.
     pub snapshot_on_rebalance: bool,
     pub after_drain: AfterDrain,
+    /// When EC2 schedules the instance's retirement or stop: drain and power off ten minutes
+    /// before it, so a replacement takes the state volume in time.
+    pub drain_before_retirement: bool,
 }
 
 impl Default for Spot {
@@ -261,6 +264,7 @@ impl Default for Spot {
             poll_secs: 2,
             snapshot_on_rebalance: true,
             after_drain: AfterDrain::Wait,
+            drain_before_retirement: false,
         }
     }
 }
