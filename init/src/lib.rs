@@ -13,6 +13,7 @@ pub mod host;
 pub mod lifecycle;
 pub mod listening;
 pub mod machine;
+pub mod notify;
 pub mod power;
 pub mod retry;
 pub mod run;

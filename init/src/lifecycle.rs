@@ -74,6 +74,13 @@ pub fn watch<M: Metadata + Clone>(
                         a.time,
                         human(deadline.saturating_duration_since(Instant::now()))
                     );
+                    crate::notify::event(
+                        "spot-notice",
+                        format!(
+                            "spot interruption notice: {} at {}; draining",
+                            a.action, a.time
+                        ),
+                    );
                     let req = Request::new(
                         format!("spot interruption notice ({} at {})", a.action, a.time),
                         then,
@@ -103,6 +110,7 @@ pub fn watch<M: Metadata + Clone>(
                     Ok(events) => {
                         for line in scheduled.note(&events) {
                             crate::log!("{line}");
+                            crate::notify::event("scheduled-event", line);
                         }
                     }
                     Err(e) => crate::log!("ec2: cannot read the scheduled events: {e}"),
@@ -117,6 +125,10 @@ pub fn watch<M: Metadata + Clone>(
                 if let Ok(Some(t)) = meta.rebalance().await {
                     rebalance_seen = true;
                     crate::log!("spot: rebalance recommendation at {t}: this instance is at elevated risk of interruption");
+                    crate::notify::event(
+                        "rebalance",
+                        format!("rebalance recommendation at {t}: elevated risk of interruption"),
+                    );
                     let _ = events.send(Event::Rebalance(t));
                 }
             }
