@@ -126,7 +126,8 @@ def of_type(resources, kind):
     return found[0] if found else {"Properties": {}}
 
 gitlab = {"Service": "gitlab", "GitLabExternalUrl": "https://gitlab.example.com",
-          "KeyName": "my-key", "AllowedCidr": "203.0.113.0/24"}
+          "KeyName": "my-key", "AllowedCidr": "203.0.113.0/24",
+          "NotifyWebhookUrl": "https://hooks.slack.com/services/T000/B000/XXXX"}
 for name, label, params, eip in [("defaults", "defaults", {}, None),
                                  ("eip", "with an Elastic IP", {"ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
                                   "eipalloc-0123456789abcdef0"),
@@ -168,9 +169,13 @@ for name, label, params, eip in [("defaults", "defaults", {}, None),
               f"{label}: the user data declares no GitLab")
         check("external_url 'https://gitlab.example.com'" in user_data, f"{label}: external_url missing")
         check("[ssh]\nport = 2222" in user_data, f"{label}: spotinit's SSH is not moved to 2222")
+        check('[notify]\nwebhook_url = "https://hooks.slack.com/services/T000/B000/XXXX"' in user_data,
+              f"{label}: the webhook is not in the user data")
         check(ports == [22, 80, 443, 2222], f"{label}: the security group opens {ports}, not 22, 80, 443, 2222")
     else:
         check("[[containers]]" not in user_data, f"{label}: the user data declares containers")
+        check("[notify]" not in user_data, f"{label}: a [notify] section without a webhook")
+    check("drain_before_retirement = true" in user_data, f"{label}: retirements are not drained ahead")
     with open(f"{out}/user-data-{name}.toml", "w") as f:
         f.write(user_data)
 

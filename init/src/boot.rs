@@ -200,6 +200,7 @@ async fn configure<P: Platform>(
         identity.zone,
         config.summary()
     );
+    crate::notify::start(&config.notify, &identity.instance_id);
     Ok((config, identity, meta))
 }
 
@@ -331,6 +332,17 @@ fn announce_ready<S: System, P: Platform>(
         resident_memory(paths)
     );
     crate::log!("listening: {}", crate::listening::summary(paths));
+    crate::notify::event(
+        "boot-ready",
+        format!(
+            "ready in {} since power-on (spotinit's part {}); Docker runs on {}",
+            human(uptime()),
+            human(started.elapsed()),
+            st.mounted
+                .as_ref()
+                .map_or("no state volume", |m| m.volume_id.as_str())
+        ),
+    );
     if config.docker.enabled && !config.containers.is_empty() {
         st.declared_containers = Some(start_declared_containers(paths, config));
     }

@@ -1,5 +1,6 @@
 //! The spot lifecycle: watch IMDS for the interruption notice (and the rebalance
-//! recommendation), turn a notice into one shutdown request with EC2's deadline, stop the
+//! recommendation, and EC2's scheduled events), turn a notice into one shutdown request with
+//! EC2's deadline, stop the
 //! containers within the time left; keep recent snapshots of the state volume (on a rebalance
 //! recommendation and on a schedule), pruning only spotinit's own; and hold the instance's
 //! stable address (an Elastic IP re-associated from the dead predecessor).
@@ -9,6 +10,7 @@ use crate::cloud::{CloudError, Ec2, Identity, Metadata, SnapshotInfo, SnapshotSt
 use crate::config::{AfterDrain, Config};
 use crate::console::human;
 use crate::machine::{Request, Then};
+use crate::scheduled::{ScheduledEvents, CHECK_EVERY};
 use crate::volume::attach::api;
 use crate::volume::layout::parse_rfc3339;
 use std::collections::BTreeMap;
@@ -49,6 +51,7 @@ pub fn watch<M: Metadata + Clone>(
         return;
     }
     let period = Duration::from_secs(cfg.spot.poll_secs);
+    let drain_before_retirement = cfg.spot.drain_before_retirement;
     let then = match cfg.spot.after_drain {
         AfterDrain::Wait => Then::Wait,
         AfterDrain::Poweroff => Then::PowerOff,
@@ -56,6 +59,8 @@ pub fn watch<M: Metadata + Clone>(
     tokio::spawn(async move {
         let mut failing = false;
         let mut rebalance_seen = false;
+        let mut scheduled = ScheduledEvents::new(drain_before_retirement);
+        let mut scheduled_read: Option<Instant> = None;
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -68,6 +73,13 @@ pub fn watch<M: Metadata + Clone>(
                         a.action,
                         a.time,
                         human(deadline.saturating_duration_since(Instant::now()))
+                    );
+                    crate::notify::event(
+                        "spot-notice",
+                        format!(
+                            "spot interruption notice: {} at {}; draining",
+                            a.action, a.time
+                        ),
                     );
                     let req = Request::new(
                         format!("spot interruption notice ({} at {})", a.action, a.time),
@@ -92,10 +104,31 @@ pub fn watch<M: Metadata + Clone>(
                     }
                 }
             }
+            if scheduled_read.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
+                scheduled_read = Some(Instant::now());
+                match meta.scheduled_events().await {
+                    Ok(events) => {
+                        for line in scheduled.note(&events) {
+                            crate::log!("{line}");
+                            crate::notify::event("scheduled-event", line);
+                        }
+                    }
+                    Err(e) => crate::log!("ec2: cannot read the scheduled events: {e}"),
+                }
+            }
+            if let Some(req) = scheduled.due(SystemTime::now()) {
+                crate::log!("ec2: {}; draining now", req.reason);
+                let _ = tx.send(req);
+                return;
+            }
             if !rebalance_seen {
                 if let Ok(Some(t)) = meta.rebalance().await {
                     rebalance_seen = true;
                     crate::log!("spot: rebalance recommendation at {t}: this instance is at elevated risk of interruption");
+                    crate::notify::event(
+                        "rebalance",
+                        format!("rebalance recommendation at {t}: elevated risk of interruption"),
+                    );
                     let _ = events.send(Event::Rebalance(t));
                 }
             }

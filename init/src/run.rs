@@ -143,6 +143,10 @@ fn failure_request(e: &BootError, cfg: Option<&Config>) -> Request {
         crate::log!("BOOT FAILED: {line}");
     }
     crate::log!("Docker was not started. failure.action = {action:?}: {what}");
+    crate::notify::event(
+        "boot-failed",
+        format!("boot failed, Docker was not started ({what}): {e}"),
+    );
     Request::new(format!("boot failed ({what})"), then)
 }
 

@@ -65,6 +65,9 @@ pub async fn stop_containers_before(
     ids.len()
 }
 
+/// How long the drain waits for its notifications at the end, at most.
+const NOTIFY_FLUSH: Duration = Duration::from_secs(5);
+
 /// Logs a finished step with its duration and the time left before the deadline.
 fn step_done(name: &str, since: Instant, deadline: Option<Instant>) {
     match deadline {
@@ -264,4 +267,19 @@ pub async fn drain<S: System, P: Platform>(m: &Machine<S>, st: &mut BootState<P>
         step_done("unmounted", t, deadline);
     }
     crate::log!("shutdown: done in {}", human(start.elapsed()));
+    crate::notify::event(
+        "drain-done",
+        format!(
+            "drained in {} ({}); the state volume is free for the next instance",
+            human(start.elapsed()),
+            req.reason
+        ),
+    );
+    // Its last event may take what time the deadline leaves, up to a few seconds: the power
+    // goes next.
+    let spare = deadline.map_or(NOTIFY_FLUSH, |d| {
+        d.saturating_duration_since(Instant::now())
+            .min(NOTIFY_FLUSH)
+    });
+    crate::notify::flush(spare).await;
 }

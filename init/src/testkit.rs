@@ -43,6 +43,9 @@ impl Metadata for FakeMeta {
     async fn rebalance(&self) -> Result<Option<String>, CloudError> {
         Ok(None)
     }
+    async fn scheduled_events(&self) -> Result<Vec<crate::cloud::ScheduledEvent>, CloudError> {
+        Ok(Vec::new())
+    }
     async fn key_pair(&self) -> Result<Option<String>, CloudError> {
         Ok(None)
     }

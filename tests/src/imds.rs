@@ -84,6 +84,8 @@ struct State {
     user_data: Option<String>,
     spot_notice: Option<(String, SystemTime)>,
     rebalance: Option<SystemTime>,
+    /// (event id, code, description, not before, state).
+    scheduled_events: Vec<(String, String, String, SystemTime, String)>,
     public_keys: Vec<(String, String)>,
     role: Option<RoleCredentials>,
     failures_left: usize,
@@ -115,6 +117,7 @@ impl ImdsMock {
             user_data,
             spot_notice: None,
             rebalance: None,
+            scheduled_events: Vec::new(),
             public_keys: Vec::new(),
             role,
             failures_left: 0,
@@ -154,6 +157,25 @@ impl ImdsMock {
     /// answers `{"noticeTime": "<at>"}`.
     pub fn post_rebalance(&self, at: SystemTime) {
         self.lock().rebalance = Some(at);
+    }
+
+    /// Schedules an EC2 event (`instance-retirement`, `instance-stop`, `system-reboot`, ...):
+    /// `/latest/meta-data/events/maintenance/scheduled` lists it as active. Returns its id.
+    pub fn post_scheduled_event(
+        &self,
+        code: &str,
+        description: &str,
+        not_before: SystemTime,
+    ) -> String {
+        let id = format!("instance-event-{}", random_token(17).to_lowercase());
+        self.lock().scheduled_events.push((
+            id.clone(),
+            code.to_string(),
+            description.to_string(),
+            not_before,
+            "active".to_string(),
+        ));
+        id
     }
 
     /// Withdraws the spot notice and the rebalance recommendation (both 404 again).
@@ -350,7 +372,26 @@ fn answer(state: &State, path: &str) -> Option<String> {
             (action, at) if action == "terminate" => format_time(*at, false),
             _ => return None,
         },
-        p if p == meta("events/") => "recommendations/".to_string(),
+        p if p == meta("events/") => "maintenance/\nrecommendations/".to_string(),
+        p if p == meta("events/maintenance/") => "history\nscheduled".to_string(),
+        // As the EC2 user guide shows it: pretty-printed, times as "21 Jan 2019 09:00:43 GMT",
+        // `[]` when nothing is scheduled.
+        p if p == meta("events/maintenance/scheduled") => {
+            let items: Vec<String> = state
+                .scheduled_events
+                .iter()
+                .map(|(id, code, description, at, event_state)| {
+                    let end = *at + std::time::Duration::from_secs(3600);
+                    format!(
+                        "{{\n  \"NotBefore\" : \"{}\",\n  \"Code\" : \"{code}\",\n  \"Description\" : {},\n  \"EventId\" : \"{id}\",\n  \"NotAfter\" : \"{}\",\n  \"State\" : \"{event_state}\"\n}}",
+                        event_time(*at),
+                        serde_json::Value::String(description.clone()),
+                        event_time(end)
+                    )
+                })
+                .collect();
+            format!("[ {} ]", items.join(", "))
+        }
         p if p == meta("events/recommendations/") => "rebalance".to_string(),
         p if p == meta("events/recommendations/rebalance") => format!(
             "{{\"noticeTime\": \"{}\"}}",
@@ -439,4 +480,21 @@ fn identity_document(state: &State) -> String {
         "version": "2017-09-30",
     });
     serde_json::to_string_pretty(&doc).expect("JSON of strings")
+}
+
+/// IMDS's event time: "21 Jan 2019 09:00:43 GMT".
+fn event_time(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    // format_time gives "2019-01-21T09:00:43Z".
+    let iso = format_time(t, false);
+    let month: usize = iso[5..7].parse().unwrap_or(1);
+    let day: u32 = iso[8..10].parse().unwrap_or(1);
+    format!(
+        "{day} {} {} {} GMT",
+        MONTHS[month.clamp(1, 12) - 1],
+        &iso[0..4],
+        &iso[11..19]
+    )
 }

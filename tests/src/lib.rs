@@ -21,6 +21,7 @@ pub mod qemu;
 pub mod query;
 pub mod registry;
 pub mod tls;
+pub mod webhook;
 pub mod world;
 
 use std::future::Future;

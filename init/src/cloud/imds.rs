@@ -1,9 +1,11 @@
 //! IMDSv2 through aws-config's client (tokens with a TTL, refreshed before they expire; IMDSv1 is
 //! never used). The same client feeds the instance-role credentials to the EC2 client.
 
-use super::documents::{parse_identity, parse_rebalance, parse_spot_action};
+use super::documents::{
+    parse_identity, parse_rebalance, parse_scheduled_events, parse_spot_action,
+};
 use super::sdk::{error_chain, http_client, TokioSleep};
-use super::{CloudError, ErrorKind, Identity, Metadata, SpotAction};
+use super::{CloudError, ErrorKind, Identity, Metadata, ScheduledEvent, SpotAction};
 use aws_config::imds::client::error::ImdsError;
 use aws_config::imds::Client;
 use aws_config::provider_config::ProviderConfig;
@@ -181,6 +183,20 @@ impl Metadata for Imds {
     async fn key_pair(&self) -> Result<Option<String>, CloudError> {
         self.get_optional("/latest/meta-data/public-keys/0/openssh-key")
             .await
+    }
+
+    async fn scheduled_events(&self) -> Result<Vec<ScheduledEvent>, CloudError> {
+        let path = "/latest/meta-data/events/maintenance/scheduled";
+        match self.get_optional(path).await? {
+            None => Ok(Vec::new()),
+            Some(doc) => parse_scheduled_events(&doc).map_err(|m| CloudError {
+                call: "IMDS",
+                target: path.into(),
+                kind: ErrorKind::Refused,
+                code: None,
+                message: m.to_string(),
+            }),
+        }
     }
 
     async fn rebalance(&self) -> Result<Option<String>, CloudError> {

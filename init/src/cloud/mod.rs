@@ -63,6 +63,31 @@ pub struct SpotAction {
     pub time: String,
 }
 
+/// An EC2 scheduled event of this instance (IMDS `events/maintenance/scheduled`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledEvent {
+    pub id: String,
+    /// instance-reboot, system-reboot, system-maintenance, instance-retirement, instance-stop.
+    pub code: String,
+    pub description: String,
+    /// active, completed or canceled.
+    pub state: String,
+    /// As IMDS writes it: "21 Jan 2019 09:00:43 GMT".
+    pub not_before: String,
+}
+
+impl ScheduledEvent {
+    /// EC2 stops or terminates the instance at the event: its state volume must be let go of
+    /// before then.
+    pub fn ends_the_instance(&self) -> bool {
+        matches!(self.code.as_str(), "instance-retirement" | "instance-stop")
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.state.is_empty() || self.state.eq_ignore_ascii_case("active")
+    }
+}
+
 pub trait Metadata: Send + Sync + 'static {
     fn identity(&self) -> impl Future<Output = Result<Identity, CloudError>> + Send;
     fn local_hostname(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
@@ -72,6 +97,10 @@ pub trait Metadata: Send + Sync + 'static {
     fn spot_action(&self) -> impl Future<Output = Result<Option<SpotAction>, CloudError>> + Send;
     /// The rebalance recommendation's notice time, once there is one.
     fn rebalance(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+    /// The instance's scheduled events (retirement, reboots, maintenance); none is empty.
+    fn scheduled_events(
+        &self,
+    ) -> impl Future<Output = Result<Vec<ScheduledEvent>, CloudError>> + Send;
     /// The public key of the EC2 key pair the instance was launched with, if any.
     fn key_pair(&self) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
 }

@@ -45,6 +45,7 @@ const BOUNDS: &[(&str, u64, u64, &str)] = &[
     ("snapshots.interval_minutes", 0, 43200, "minutes (30 days)"),
     ("snapshots.keep", 1, 1000, "snapshots"),
     ("time.sync_timeout_secs", 1, 600, "seconds"),
+    ("notify.timeout_secs", 1, 60, "seconds"),
     ("ssh.port", 1, 65535, ""),
 ];
 
@@ -97,6 +98,7 @@ impl Config {
             Some(self.snapshots.interval_minutes),
             Some(self.snapshots.keep.into()),
             Some(self.time.sync_timeout_secs),
+            Some(self.notify.timeout_secs),
             Some(self.ssh.port.into()),
         ];
         for ((key, lo, hi, unit), value) in BOUNDS.iter().zip(values) {
@@ -373,6 +375,22 @@ impl Config {
                         "'{}' is not an allocation id (expected eipalloc-...)",
                         shown(a)
                     ),
+                ));
+            }
+        }
+        if let Some(u) = &self.notify.webhook_url {
+            if !u.starts_with("https://") || !is_url(u) {
+                p.push((
+                    "notify.webhook_url".into(),
+                    format!("'{}' is not an https:// URL", shown(u)),
+                ));
+            }
+        }
+        if let Some(pem) = &self.notify.ca_pem {
+            if !is_pem(pem, "CERTIFICATE") {
+                p.push((
+                    "notify.ca_pem".into(),
+                    "a PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
                 ));
             }
         }

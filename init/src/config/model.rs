@@ -22,6 +22,7 @@ pub struct Config {
     pub spot: Spot,
     pub snapshots: Snapshots,
     pub address: Address,
+    pub notify: Notify,
     pub time: Time,
     pub ssh: Ssh,
     /// `[[containers]]`: what Docker runs, kept to this declaration after every boot.
@@ -252,6 +253,9 @@ pub struct Spot {
     /// On a rebalance recommendation, start a snapshot of the state volume.
     pub snapshot_on_rebalance: bool,
     pub after_drain: AfterDrain,
+    /// When EC2 schedules the instance's retirement or stop: drain and power off ten minutes
+    /// before it, so a replacement takes the state volume in time.
+    pub drain_before_retirement: bool,
 }
 
 impl Default for Spot {
@@ -261,6 +265,7 @@ impl Default for Spot {
             poll_secs: 2,
             snapshot_on_rebalance: true,
             after_drain: AfterDrain::Wait,
+            drain_before_retirement: false,
         }
     }
 }
@@ -288,6 +293,29 @@ impl Default for Snapshots {
 pub struct Address {
     /// Associate this Elastic IP (`eipalloc-...`) with the instance at boot.
     pub elastic_ip_allocation_id: Option<String>,
+}
+
+/// Where the spot lifecycle is reported (a Slack-compatible HTTPS webhook).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Notify {
+    /// `https://...`: each event is POSTed as JSON with a `text` (Slack's incoming webhooks
+    /// show it) and its fields.
+    pub webhook_url: Option<String>,
+    /// A CA to trust for the webhook besides the image's (a private endpoint), PEM.
+    pub ca_pem: Option<String>,
+    /// Per attempt; three attempts at most.
+    pub timeout_secs: u64,
+}
+
+impl Default for Notify {
+    fn default() -> Self {
+        Notify {
+            webhook_url: None,
+            ca_pem: None,
+            timeout_secs: 5,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

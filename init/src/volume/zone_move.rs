@@ -217,6 +217,16 @@ pub(super) async fn move_here<E: Ec2>(
         tags::SUPERSEDED_BY,
         new.id
     );
+    crate::notify::event(
+        "zone-move",
+        format!(
+            "the state moved from {} to {} in {} (from snapshot {snap}, {})",
+            old.id,
+            new.id,
+            me.zone,
+            human(started.elapsed())
+        ),
+    );
     if cfg.delete_superseded {
         match api("DeleteVolume", || ec2.delete_volume(&old.id)).await {
             Ok(()) => crate::log!(

@@ -97,6 +97,59 @@ async fn a_notice_becomes_one_request_with_ec2s_deadline_and_failures_do_not_sto
     );
 }
 
+/// EC2 schedules the instance's retirement: with `spot.drain_before_retirement` the watcher
+/// asks for a drain and a power-off ten minutes ahead of it, with the time left as the deadline;
+/// a reboot on the same list is only reported.
+#[tokio::test]
+async fn a_scheduled_retirement_drains_and_powers_off_ten_minutes_ahead() {
+    let mock = ImdsMock::start(
+        spotworld::imds::Identity::new("i-0bbbbbbbbbbbbbbbb", "us-east-1a"),
+        None,
+    )
+    .await
+    .unwrap();
+    let now = SystemTime::now();
+    mock.post_scheduled_event(
+        "system-reboot",
+        "scheduled reboot",
+        now + Duration::from_secs(3600),
+    );
+    let lead = spotinit::scheduled::RETIREMENT_LEAD;
+    let retirement = mock.post_scheduled_event(
+        "instance-retirement",
+        "The instance is running on degraded hardware",
+        now + lead + Duration::from_secs(4),
+    );
+    let meta = Imds::new(Some(&mock.endpoint())).unwrap();
+    let mut cfg = config(1);
+    cfg.spot.drain_before_retirement = true;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (etx, _erx) = mpsc::unbounded_channel();
+    lifecycle::watch(meta, &cfg, tx, etx);
+    let req = timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a drain request about 4 s from now")
+        .unwrap();
+    assert_eq!(req.then, Then::PowerOff);
+    assert!(
+        req.reason.contains("instance-retirement") && req.reason.contains(&retirement),
+        "{}",
+        req.reason
+    );
+    let left = req
+        .deadline
+        .unwrap()
+        .saturating_duration_since(Instant::now());
+    assert!(
+        left > lead - Duration::from_secs(5) && left <= lead,
+        "{left:?}"
+    );
+    assert!(
+        mock.requests("/latest/meta-data/events/maintenance/scheduled") >= 1,
+        "the events were read"
+    );
+}
+
 struct World {
     _moto: MotoServer,
     fidelity: Fidelity,

@@ -3,6 +3,7 @@
 //! - `volume`, `lifecycle`: the volume phase and the spot lifecycle against moto + the fidelity
 //!   layer + an IMDS mock, through the real SDK;
 //! - `clock`: the clock probe against the simulator's NTP server;
+//! - `notify`: notifications to the world's webhook receiver (one per process: a global);
 //! - `privileged_volume`, `pid1`: loop devices, real mkfs/mount/binds, PID 1 of a PID namespace
 //!   (root; each re-executes this binary for its one test inside the namespaces).
 //!
@@ -12,6 +13,7 @@ mod common;
 
 mod clock;
 mod lifecycle;
+mod notify;
 mod pid1;
 mod privileged_volume;
 mod volume;

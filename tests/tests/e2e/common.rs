@@ -84,10 +84,16 @@ pub async fn first_instance_with_counter(
     world: &World,
     volume_name: &str,
 ) -> (SimInstance, Counter, String) {
+    first_instance_with_counter_as(world, &UserData::new(volume_name)).await
+}
+
+/// [`first_instance_with_counter`] with user data of the caller's.
+pub async fn first_instance_with_counter_as(
+    world: &World,
+    ud: &UserData,
+) -> (SimInstance, Counter, String) {
     let a = world
-        .launch(
-            InstanceSpec::new("a", "us-east-1a").user_data(UserData::new(volume_name).to_toml()),
-        )
+        .launch(InstanceSpec::new("a", "us-east-1a").user_data(ud.to_toml()))
         .await
         .unwrap();
     a.wait_ready(BOOT).await.unwrap();

@@ -2,14 +2,16 @@
 //! volume; then a spot interruption notice (two minutes) makes it stop the containers, Docker
 //! and containerd, unmount and detach the volume well before the deadline; a new instance in
 //! the same zone, booted from the pristine image, finds the volume, and the container comes back
-//! by itself (`--restart always`) with the same counter.
+//! by itself (`--restart always`) with the same counter. Both report to a webhook: each event
+//! once, in order, with the instance's id.
 //!
 //! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_2_graceful_interruption -- --nocapture`
 
 use std::time::{Duration, Instant};
 
-use crate::common::{expect, expect_clean_takeover, first_instance_with_counter, report, STEP};
+use crate::common::{expect, expect_clean_takeover, first_instance_with_counter_as, report, STEP};
 use spotworld::docker::Counter;
+use spotworld::webhook::WebhookReceiver;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
 #[tokio::test]
@@ -19,7 +21,10 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
     let world = World::start(WorldSettings::new("e2e-2-graceful"))
         .await
         .unwrap();
-    let (a, counter, volume_id) = first_instance_with_counter(&world, "e2e-2").await;
+    let webhook = WebhookReceiver::start().await.unwrap();
+    let mut ud = UserData::new("e2e-2");
+    ud.extra = webhook.notify_toml().unwrap();
+    let (a, counter, volume_id) = first_instance_with_counter_as(&world, &ud).await;
     for want in 1..=3 {
         assert_eq!(counter.increment().await.unwrap(), want);
     }
@@ -84,7 +89,6 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
 
     // The successor: same zone, pristine image, Docker's API not even exposed. The container
     // comes back by itself, with its data.
-    let mut ud = UserData::new("e2e-2");
     ud.docker_api = false;
     let b = world
         .launch(InstanceSpec::new("b", "us-east-1a").user_data(ud.to_toml()))
@@ -99,5 +103,45 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
     let vols = world.volumes().await.unwrap();
     assert_eq!(vols.len(), 1, "{vols:?}");
     assert_eq!(vols[0].attachments[0].instance_id, b.id);
+
+    // The webhook heard each event once, in order, from the instance it was about.
+    let heard = |ev: &str| -> Vec<String> {
+        webhook
+            .received()
+            .iter()
+            .filter(|r| r.body["event"] == ev)
+            .map(|r| r.body["instance"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + STEP;
+    while heard("boot-ready").len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", webhook.received());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        webhook.delivered_events(),
+        [
+            "boot-ready",
+            "rebalance",
+            "spot-notice",
+            "drain-done",
+            "boot-ready"
+        ]
+    );
+    assert_eq!(heard("boot-ready"), [a.id.clone(), b.id.clone()]);
+    assert_eq!(heard("drain-done"), [a.id.clone()]);
+    let drained = webhook
+        .received()
+        .into_iter()
+        .find(|r| r.body["event"] == "drain-done")
+        .unwrap();
+    assert!(
+        drained.body["text"]
+            .as_str()
+            .unwrap()
+            .contains("the state volume is free for the next instance"),
+        "{}",
+        drained.body
+    );
     report("scenario 2", t0);
 }
