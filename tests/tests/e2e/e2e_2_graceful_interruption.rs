@@ -129,7 +129,7 @@ async fn a_spot_notice_drains_and_detaches_and_a_new_instance_resumes() {
         ]
     );
     assert_eq!(heard("boot-ready"), [a.id.clone(), b.id.clone()]);
-    assert_eq!(heard("drain-done"), [a.id.clone()]);
+    assert_eq!(heard("drain-done"), std::slice::from_ref(&a.id));
     let drained = webhook
         .received()
         .into_iter()
