@@ -7,6 +7,8 @@
 //! e2fsprogs (debugfs), and OVMF for the UEFI scenario. Work files stay in
 //! `build/test-runs/<scenario>/` (console logs with timestamps, QMP logs, volume files).
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spotworld::docker::{deploy_counter, Counter};
@@ -49,6 +51,53 @@ pub fn never(i: &SimInstance, needle: &str) {
             i.name,
             i.diagnostics()
         );
+    }
+}
+
+/// A client incrementing the counter as fast as it answers, remembering the last value the
+/// service acknowledged (each fsync'ed before its answer). Errors (a draining or vanished
+/// instance) are counted, with a short pause.
+pub struct Writer {
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<u32>,
+}
+
+impl Writer {
+    pub fn start(counter: Counter) -> Writer {
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = {
+            let (acked, stop) = (acked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut errors = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    match counter.increment().await {
+                        Ok(v) => {
+                            let before = acked.swap(v, Ordering::SeqCst);
+                            assert_eq!(v, before + 1, "increments are sequential");
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                errors
+            })
+        };
+        Writer { acked, stop, task }
+    }
+
+    /// The last value the service acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Stops writing; returns the number of requests that failed.
+    pub async fn stop(self) -> u32 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
     }
 }
 

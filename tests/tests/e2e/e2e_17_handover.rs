@@ -7,11 +7,9 @@
 //!
 //! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_17_handover -- --nocapture`
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{expect, expect_clean_takeover, first_instance_with_counter, report};
+use crate::common::{expect, expect_clean_takeover, first_instance_with_counter, report, Writer};
 use crate::common::{BOOT, STEP};
 use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
@@ -27,23 +25,7 @@ async fn a_replacement_waits_for_the_live_holder_and_takes_over_when_it_drains()
     report("a: ready, counter deployed", t0);
 
     // The service is used throughout: remember the last increment it acknowledged.
-    let acked = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let hammer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                match counter.increment().await {
-                    Ok(v) => {
-                        let before = acked.swap(v, Ordering::SeqCst);
-                        assert_eq!(v, before + 1, "increments are sequential");
-                    }
-                    // Draining, or gone.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        })
-    };
+    let writer = Writer::start(counter);
 
     let mut ud = UserData::new("e2e-17");
     ud.live_holder_wait_secs = 300;
@@ -66,7 +48,7 @@ async fn a_replacement_waits_for_the_live_holder_and_takes_over_when_it_drains()
         "{}",
         waiting.text
     );
-    assert!(acked.load(Ordering::SeqCst) > 0, "the service answered");
+    assert!(writer.acked() > 0, "the service answered");
     report("b: waiting for the live holder", t0);
 
     // The group terminates the old instance: it drains and lets the volume go.
@@ -75,9 +57,8 @@ async fn a_replacement_waits_for_the_live_holder_and_takes_over_when_it_drains()
     let detached = expect(&mut ac, &format!("volume: {volume_id} detached in"), STEP).await;
     let detached_at = a.instant_of(&detached);
     a.wait_poweroff(STEP).await.unwrap();
-    stop.store(true, Ordering::SeqCst);
-    hammer.await.unwrap();
-    let last_acked = acked.load(Ordering::SeqCst);
+    let last_acked = writer.acked();
+    writer.stop().await;
 
     expect_clean_takeover(&b, &volume_id, &a.id).await;
     let mut bc = b.console();

@@ -5,11 +5,9 @@
 //!
 //! Run: `nice -n 10 cargo test --release -p spotworld --test e2e e2e_3_hard_kill -- --nocapture`
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{expect, first_instance_with_counter, never, report, BOOT, STEP};
+use crate::common::{expect, first_instance_with_counter, never, report, Writer, BOOT, STEP};
 use spotworld::docker::Counter;
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings};
 
@@ -25,27 +23,9 @@ async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_writ
     report("a: ready, counter deployed", t0);
 
     // Increment without pause; remember the last value the service acknowledged.
-    let acked = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let hammer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut errors = 0;
-            while !stop.load(Ordering::SeqCst) {
-                match counter.increment().await {
-                    Ok(v) => {
-                        let before = acked.swap(v, Ordering::SeqCst);
-                        assert_eq!(v, before + 1, "increments are sequential");
-                    }
-                    // The instance vanished under the request.
-                    Err(_) => errors += 1,
-                }
-            }
-            errors
-        })
-    };
+    let writer = Writer::start(counter);
     let until = Instant::now() + STEP;
-    while acked.load(Ordering::SeqCst) < 5 {
+    while writer.acked() < 5 {
         assert!(
             Instant::now() < until,
             "fewer than 5 increments in {STEP:?}"
@@ -56,9 +36,8 @@ async fn after_a_hard_kill_the_successor_waits_checks_and_has_every_fsynced_writ
     // taken first: EC2's release clock starts after it.)
     let killed_at = Instant::now();
     a.kill_hard().await.unwrap();
-    let last_acked = acked.load(Ordering::SeqCst);
-    stop.store(true, Ordering::SeqCst);
-    hammer.await.unwrap();
+    let last_acked = writer.acked();
+    writer.stop().await;
     println!("a: killed with {last_acked} increments acknowledged");
 
     // EC2 still holds the volume for the dead instance.
