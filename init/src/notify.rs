@@ -43,11 +43,20 @@ impl Endpoint {
         if authority.contains('@') || authority.is_empty() {
             return None;
         }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h, p.parse().ok()?),
-            _ => (authority, 443),
+        // `[v6]` or `[v6]:port`, else `host` or `host:port`.
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, rest) = v6.split_once(']')?;
+                match rest {
+                    "" => (host, 443),
+                    _ => (host, rest.strip_prefix(':')?.parse().ok()?),
+                }
+            }
+            None => match authority.split_once(':') {
+                Some((h, p)) => (h, p.parse().ok()?),
+                None => (authority, 443),
+            },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         (!host.is_empty()).then(|| Endpoint {
             host: host.to_string(),
             port,
@@ -309,6 +318,13 @@ mod tests {
                 path: "/".into()
             })
         );
+        for (url, host, port) in [
+            ("https://[fd00::1]/x", "fd00::1", 443),
+            ("https://[::1]:8443/", "::1", 8443),
+        ] {
+            let e = Endpoint::parse(url).unwrap_or_else(|| panic!("{url}"));
+            assert_eq!((e.host.as_str(), e.port), (host, port), "{url}");
+        }
         assert_eq!(
             Endpoint::parse("https://example.com?token=1").map(|e| e.path),
             Some("/?token=1".into())
@@ -318,6 +334,8 @@ mod tests {
             "https://",
             "https://user@example.com/",
             "https://example.com:notaport/",
+            "https://[::1/",
+            "https://[::1]8443/",
         ] {
             assert_eq!(Endpoint::parse(bad), None, "{bad}");
         }
