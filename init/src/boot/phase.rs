@@ -136,14 +136,7 @@ mod tests {
             e.to_string(),
             format!("clock: mkdir /var/lib/chrony: {}", denied())
         );
-        let mut chain = Vec::new();
-        let mut next: Option<&(dyn Error + 'static)> = Some(&e);
-        while let Some(err) = next {
-            chain.push(err);
-            next = err.source();
-        }
-        let io = chain
-            .iter()
+        let io = std::iter::successors(Some(&e as &(dyn Error + 'static)), |err| (*err).source())
             .find_map(|err| err.downcast_ref::<std::io::Error>())
             .expect("the io::Error is in the source chain");
         assert_eq!(io.raw_os_error(), Some(libc::EACCES));

@@ -51,12 +51,8 @@ fn docker_state_elsewhere_or_an_unreadable_record_stops_docker_with_its_cause() 
             layout::record_path(&paths).display()
         )
     );
-    let mut next: Option<&(dyn Error + 'static)> = Some(&e);
-    let mut io = None;
-    while let Some(err) = next {
-        io = io.or(err.downcast_ref::<std::io::Error>());
-        next = err.source();
-    }
+    let io = std::iter::successors(Some(&e as &(dyn Error + 'static)), |err| (*err).source())
+        .find_map(|err| err.downcast_ref::<std::io::Error>());
     assert_eq!(io.and_then(|e| e.raw_os_error()), Some(libc::EISDIR));
     std::fs::remove_dir_all(&root).unwrap();
 }
