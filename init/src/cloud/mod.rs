@@ -130,11 +130,21 @@ impl VolumeSpec {
     pub fn for_copy(&self) -> VolumeSpec {
         let t = self.volume_type.as_str();
         VolumeSpec {
-            iops: self.iops.filter(|_| ["gp3", "io1", "io2"].contains(&t)),
-            throughput_mibps: self.throughput_mibps.filter(|_| t == "gp3"),
+            iops: self.iops.filter(|_| takes_iops(t)),
+            throughput_mibps: self.throughput_mibps.filter(|_| takes_throughput(t)),
             ..self.clone()
         }
     }
+}
+
+/// Whether a volume type has settable IOPS (EC2 refuses them for the others).
+pub fn takes_iops(volume_type: &str) -> bool {
+    ["gp3", "io1", "io2"].contains(&volume_type)
+}
+
+/// Whether a volume type has settable throughput.
+pub fn takes_throughput(volume_type: &str) -> bool {
+    volume_type == "gp3"
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! What a ModifyVolume must change so the volume matches `[volume]`: EBS grows a volume and
 //! changes its type, IOPS and throughput in place, but never shrinks it.
 
-use crate::cloud::{VolumeChange, VolumeSpec};
+use crate::cloud::{takes_iops, takes_throughput, VolumeChange, VolumeSpec};
 use crate::config;
 
 /// The change to ask for, and a smaller size the configuration asks for and cannot have.
@@ -23,10 +23,10 @@ pub fn plan(has: &VolumeSpec, wanted: &config::Volume) -> Plan {
     let target = wanted.volume_type.as_str();
     let iops = wanted
         .iops
-        .filter(|i| has.iops != Some(*i) && ["gp3", "io1", "io2"].contains(&target));
+        .filter(|i| has.iops != Some(*i) && takes_iops(target));
     let throughput_mibps = wanted
         .throughput_mibps
-        .filter(|t| has.throughput_mibps != Some(*t) && target == "gp3");
+        .filter(|t| has.throughput_mibps != Some(*t) && takes_throughput(target));
     let change = VolumeChange {
         size_gib,
         volume_type,
