@@ -119,7 +119,9 @@ struct Holder {
     read_at: Instant,
 }
 
-async fn wait_unheld_forced<E: Ec2>(
+/// [`wait_unheld`], and whether a dead holder had to be force-detached (the filesystem then
+/// needs a full check).
+pub async fn wait_unheld_forced<E: Ec2>(
     ec2: &E,
     v: &VolumeInfo,
     cfg: &config::Volume,

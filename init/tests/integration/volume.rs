@@ -299,10 +299,22 @@ async fn a_running_holder_keeps_the_volume() {
     let w = World::start(fast()).await;
     let mut a = w.instance("us-east-1a", vcfg(), "overlay2").await;
     a.volume.acquire().await.unwrap();
-    let mut b = w.instance("us-east-1a", vcfg(), "overlay2").await;
+    // B's configuration asks for a larger volume: it must not change A's.
+    let bigger = config::Volume {
+        size_gib: 2,
+        ..vcfg()
+    };
+    let mut b = w.instance("us-east-1a", bigger, "overlay2").await;
     let e = b.volume.acquire().await.unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, VolumeError::HeldByRunning { .. }), "{msg}");
+    assert!(
+        !w.fidelity
+            .requests()
+            .iter()
+            .any(|r| r.action == "ModifyVolume"),
+        "B modified the volume A owns"
+    );
     assert!(msg.contains(&a.id) && msg.contains("running"), "{msg}");
     assert!(e.retryable(), "the holder may be draining");
     assert!(b.fake.briefs().iter().all(|x| !x.starts_with("mount")));

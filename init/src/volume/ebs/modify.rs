@@ -1,5 +1,5 @@
-//! Before the attach: bring the volume to the configured size, type, IOPS and throughput
-//! (ModifyVolume), and wait until EC2 lets it be used. The filesystem grows after the mount
+//! Before the attach, once no other instance holds the volume: bring it to the configured size,
+//! type, IOPS and throughput (ModifyVolume), and wait until EC2 lets it be used. The filesystem grows after the mount
 //! (`mount`), when the disk shows the new size.
 //!
 //! A volume that cannot be modified (EC2's six-hour limit, a role without the permission, a
@@ -11,8 +11,7 @@ use crate::cloud::{CloudError, Ec2, ErrorKind, VolumeSpec};
 use crate::console::human;
 use crate::retry::doubling;
 use crate::sys::System;
-use crate::volume::modify;
-use crate::volume::{Step, VolumeError};
+use crate::volume::{attach, modify, Step, VolumeError};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -27,16 +26,27 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         if self.modified {
             return Ok(());
         }
-        let Some(has) = self.info.as_ref().map(|i| i.spec.clone()) else {
+        let Some(info) = self.info.clone() else {
             return Ok(());
         };
-        let plan = modify::plan(&has, &self.cfg);
+        let plan = modify::plan(&info.spec, &self.cfg);
         if let Some((has_gib, asked)) = plan.shrink_refused {
             crate::log!(
                 "volume: {volume_id} has {has_gib} GiB and volume.size_gib asks for {asked}: EBS volumes cannot shrink, so it stays at {has_gib} GiB; set volume.size_gib = {has_gib} to match"
             );
         }
-        let Some(change) = plan.change else {
+        if plan.change.is_none() {
+            self.modified = true;
+            return Ok(());
+        }
+        // Never change a volume another live instance owns: wait until nobody holds it, as the
+        // attach would (no call at all when nobody does), and read what it is then.
+        let (info, forced) =
+            attach::wait_unheld_forced(&*self.ec2, &info, &self.cfg, &self.me).await?;
+        self.needs_full_check |= forced;
+        let has = info.spec.clone();
+        self.info = Some(info);
+        let Some(change) = modify::plan(&has, &self.cfg).change else {
             self.modified = true;
             return Ok(());
         };
