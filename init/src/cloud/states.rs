@@ -144,6 +144,12 @@ pub mod tags {
     pub const REASON: &str = "spotinit:reason";
     /// The value of [`PURPOSE`] on the snapshots spotinit takes (and alone may prune).
     pub const PURPOSE_BACKUP: &str = "backup";
+    /// `volume.pool`: the pool a volume belongs to, and its slot in it (1, 2, ...).
+    pub const POOL: &str = "spotinit:pool";
+    pub const SLOT: &str = "spotinit:slot";
+    /// spotinit's tags that say which state a volume is, not its history: a copy made by a
+    /// zone move carries them, so the state keeps its slot.
+    pub const IDENTITY: &[&str] = &[POOL, SLOT];
 }
 
 #[cfg(test)]

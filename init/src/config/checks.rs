@@ -32,6 +32,7 @@ const BOUNDS: &[(&str, u64, u64, &str)] = &[
     ("volume.live_holder_wait_secs", 0, 86400, "seconds"),
     ("volume.device_timeout_secs", 5, 3600, "seconds"),
     ("volume.snapshot_timeout_secs", 60, 86400, "seconds"),
+    ("volume.pool_max", 0, 1000, "volumes"),
     ("docker.stop_timeout_secs", 1, 3600, "seconds"),
     ("docker.start_timeout_secs", 5, 3600, "seconds"),
     ("failure.retry_for_secs", 0, 604_800, "seconds (a week)"),
@@ -90,6 +91,7 @@ impl Config {
             Some(v.live_holder_wait_secs),
             Some(v.device_timeout_secs),
             Some(v.snapshot_timeout_secs),
+            Some(v.pool_max.into()),
             Some(self.docker.stop_timeout_secs),
             Some(self.docker.start_timeout_secs),
             Some(self.failure.retry_for_secs),
@@ -134,6 +136,9 @@ impl Config {
                     "volume.tags".into(),
                     "set volume.id or at least one tag to find the state volume by".into(),
                 ));
+            }
+            if let Some(pool) = &v.pool {
+                check_pool(v, pool, p);
             }
         }
         if v.tags.len() > MAX_USER_TAGS {
@@ -450,6 +455,42 @@ impl Config {
                 ));
             }
         }
+    }
+}
+
+/// The longest pool name: it names the host too (`<pool>-<slot>`, a 63-character DNS label).
+pub const MAX_POOL_NAME: usize = 50;
+
+/// `volume.pool`: a name that can prefix a host name, without `volume.id`, with a maximum when
+/// spotinit may create the pool's volumes.
+fn check_pool(v: &super::model::Volume, pool: &str, p: &mut Vec<(String, String)>) {
+    let name_ok = !pool.is_empty()
+        && pool.len() <= MAX_POOL_NAME
+        && pool
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !pool.starts_with('-')
+        && !pool.ends_with('-');
+    if !name_ok {
+        p.push((
+            "volume.pool".into(),
+            format!(
+                "'{}' is not a pool name: 1 to {MAX_POOL_NAME} of a-z, 0-9 and - (not first or last), as it names the host (<pool>-<slot>)",
+                shown(pool)
+            ),
+        ));
+    }
+    if v.id.is_some() {
+        p.push((
+            "volume.pool".into(),
+            "a pool finds its volumes by tags: remove volume.id (or volume.pool)".into(),
+        ));
+    }
+    if v.create && v.pool_max == 0 {
+        p.push((
+            "volume.pool_max".into(),
+            "set the most volumes the pool may hold (1 to 1000), or volume.create = false".into(),
+        ));
     }
 }
 

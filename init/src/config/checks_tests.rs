@@ -218,3 +218,29 @@ fn daemon_nesting_is_capped_without_recursing() {
     // kernel panic): forget it here, the parser refuses deeper than 80 anyway.
     std::mem::forget(v);
 }
+
+#[test]
+fn a_pool_has_a_host_name_safe_name_a_maximum_and_no_volume_id() {
+    let pool = |extra: &str| keys_of(&format!("[volume]\n{extra}\n"));
+    assert_eq!(
+        pool("pool = \"runners\"\npool_max = 3"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        pool("pool = \"runners\"\ncreate = false"),
+        Vec::<String>::new()
+    );
+    for bad in ["Runners", "a_b", "-a", "a-", "", "a.b", &"a".repeat(51)] {
+        assert_eq!(
+            pool(&format!("pool = \"{bad}\"\npool_max = 2")),
+            ["volume.pool"],
+            "{bad:?}"
+        );
+    }
+    assert_eq!(pool("pool = \"runners\""), ["volume.pool_max"]);
+    assert_eq!(pool("pool = \"r\"\npool_max = 1001"), ["volume.pool_max"]);
+    assert_eq!(
+        pool("pool = \"r\"\npool_max = 2\nid = \"vol-0123456789abcdef0\""),
+        ["volume.pool"]
+    );
+}

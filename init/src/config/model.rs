@@ -76,6 +76,12 @@ pub struct Volume {
     pub tags: BTreeMap<String, String>,
     /// Create the volume when none matches.
     pub create: bool,
+    /// A pool of state volumes for a group of instances: each instance takes one of the pool's
+    /// volumes that no live instance holds (found by `tags` plus `spotinit:pool = <pool>`), and
+    /// with it that volume's slot (its identity: hostname, /run/spotinit/slot).
+    pub pool: Option<String>,
+    /// The most volumes the pool may hold: a new one is created only below it.
+    pub pool_max: u32,
     pub size_gib: u32,
     #[serde(rename = "type")]
     pub volume_type: String,
@@ -115,6 +121,8 @@ impl Default for Volume {
             id: None,
             tags: BTreeMap::from([("Name".to_string(), "spotinit-state".to_string())]),
             create: true,
+            pool: None,
+            pool_max: 0,
             size_gib: 20,
             volume_type: "gp3".into(),
             iops: None,

@@ -134,12 +134,16 @@ pub(super) async fn move_here<E: Ec2>(
         Duration::from_secs(cfg.snapshot_timeout_secs),
     )
     .await?;
-    // The user's tags come along; spotinit's own describe the old volume's history, and AWS's
-    // (aws:cloudformation:..., aws:backup:...) are reserved: EC2 refuses them in CreateVolume.
+    // The user's tags come along, and spotinit's that name the state (its pool and slot);
+    // spotinit's others describe the old volume's history, and AWS's (aws:cloudformation:...,
+    // aws:backup:...) are reserved: EC2 refuses them in CreateVolume.
     let mut tags: BTreeMap<String, String> = old
         .tags
         .iter()
-        .filter(|(k, _)| !k.starts_with("spotinit:") && !is_reserved_tag_key(k))
+        .filter(|(k, _)| {
+            (!k.starts_with("spotinit:") || tags::IDENTITY.contains(&k.as_str()))
+                && !is_reserved_tag_key(k)
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     tags.insert(tags::MOVED_FROM.into(), old.id.clone());
