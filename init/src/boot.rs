@@ -62,6 +62,7 @@ pub async fn boot<S: System, P: Platform>(
     st.metadata = Some(meta.clone());
     st.config = Some(config.clone());
     take_the_volume(platform, st, &config, &identity, &meta, events).await?;
+    let config = take_the_slot(m, st, config);
     // Before a pivot into a persisted root changes what /usr/sbin/iptables is.
     let imds_rules = background.imds_rules_in().await;
     if pid1 {
@@ -287,6 +288,35 @@ async fn take_the_volume<P: Platform>(
     Ok(())
 }
 
+/// `volume.pool`: the slot of the volume this instance took is its identity: the host's name,
+/// the files that say it, the declared containers' environment.
+fn take_the_slot<S: System, P: Platform>(
+    m: &Machine<S>,
+    st: &BootState<P>,
+    config: Config,
+) -> Config {
+    let Some((slot, volume_id)) = st
+        .mounted
+        .as_ref()
+        .and_then(|v| v.slot.clone().map(|s| (s, v.volume_id.clone())))
+    else {
+        return config;
+    };
+    if let Err(e) = crate::pool_slot::publish(&m.paths, &slot, &volume_id) {
+        crate::log!("volume: pool {}: {e}", slot.pool);
+    }
+    if m.mode == Mode::Pid1 {
+        let name = slot.host_name(config.hostname.as_deref());
+        match m.sys.set_hostname(&name) {
+            Ok(()) => crate::log!("hostname: {name} (pool {} slot {})", slot.pool, slot.number),
+            Err(e) => crate::log!("hostname {name}: {e}"),
+        }
+    }
+    let mut config = config;
+    crate::pool_slot::into_containers(&mut config.containers, &slot);
+    config
+}
+
 /// `volume.mode = "persisted-root"`: / becomes the state volume's root, and PID 1 may go to its
 /// own init.
 async fn enter_the_persisted_root<S: System>(
@@ -340,7 +370,10 @@ fn announce_ready<S: System, P: Platform>(
             human(started.elapsed()),
             st.mounted
                 .as_ref()
-                .map_or("no state volume", |m| m.volume_id.as_str())
+                .map_or("no state volume".into(), |m| match &m.slot {
+                    Some(s) => format!("{} (pool {} slot {})", m.volume_id, s.pool, s.number),
+                    None => m.volume_id.clone(),
+                })
         ),
     );
     if config.docker.enabled && !config.containers.is_empty() {

@@ -416,3 +416,22 @@ async fn declared_containers_are_reconciled_in_a_task_that_the_drain_stops_first
         .expect_err("it was aborted, not finished");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[tokio::test]
+async fn a_pool_volume_names_the_host_by_its_slot_before_docker_starts() {
+    let (fake, cloud, root) = world("slot", None, Script::PoolSlot);
+    let (m, _rx) = Machine::new(Arc::new(fake.clone()), Paths::under(&root), Mode::Pid1);
+    let mut st = BootState::default();
+    boot(&m, &cloud, &mut st).await.unwrap();
+    let b = fake.briefs();
+    let acquire_at = cloud.log.lock().unwrap()[0].0;
+    let named_at = index_of(&b, "hostname runners-2");
+    assert!(named_at >= acquire_at, "{b:#?}");
+    assert!(named_at < index_of(&b, "spawn containerd"), "{b:#?}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("run/spotinit/slot")).unwrap(),
+        "2\n"
+    );
+    let env = std::fs::read_to_string(root.join("run/spotinit/pool.env")).unwrap();
+    assert!(env.contains("SPOTINIT_SLOT=2\n"), "{env}");
+}

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod listening;
 pub mod machine;
 pub mod notify;
+pub mod pool_slot;
 pub mod power;
 pub mod retry;
 pub mod run;

@@ -66,6 +66,8 @@ pub enum Script {
     PersistedRoot,
     /// A first mkfs that takes this long (critical work: a shutdown lets it finish), then mount.
     SlowFormat(std::time::Duration),
+    /// Mount a volume of pool `runners`, slot 2.
+    PoolSlot,
 }
 
 pub struct FakeVolume {
@@ -111,6 +113,7 @@ impl FakeVolume {
             volume_id: record.volume_id.clone(),
             device: PathBuf::from("/dev/nvme1n1"),
             record,
+            slot: None,
         }
     }
 }
@@ -121,6 +124,13 @@ impl VolumePhase for FakeVolume {
         let n = self.tries.fetch_add(1, Ordering::SeqCst);
         match self.script {
             Script::Mount => Ok(self.mount(true)),
+            Script::PoolSlot => Ok(Mounted {
+                slot: Some(crate::volume::Slot {
+                    pool: "runners".into(),
+                    number: 2,
+                }),
+                ..self.mount(true)
+            }),
             Script::MountWithoutBinds => Ok(self.mount(false)),
             Script::PersistedRoot => {
                 let m = self.mount(false);

@@ -13,6 +13,7 @@ pub mod layout;
 mod lineage;
 pub mod modify;
 pub mod pivot;
+pub mod pool;
 pub mod select;
 mod zone_move;
 
@@ -30,6 +31,34 @@ pub struct Mounted {
     pub volume_id: String,
     pub device: PathBuf,
     pub record: layout::Record,
+    /// The volume's place in its pool (`volume.pool`), which the host takes as its identity.
+    pub slot: Option<Slot>,
+}
+
+/// A pool volume's identity: its pool and slot number. Whichever instance holds the volume is
+/// that host: `<pool>-<number>` (or `<hostname>-<number>`), /run/spotinit/slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub pool: String,
+    pub number: u32,
+}
+
+impl Slot {
+    /// The host's name in this slot: the configured hostname (its first label), else the
+    /// pool's name, with `-<number>`; a label stays within DNS's 63 characters.
+    pub fn host_name(&self, configured: Option<&str>) -> String {
+        let base = configured.unwrap_or(&self.pool);
+        let (first, rest) = base
+            .split_once('.')
+            .map_or((base, None), |(f, r)| (f, Some(r)));
+        let suffix = format!("-{}", self.number);
+        let keep = first.len().min(63 - suffix.len());
+        let label = format!("{}{suffix}", first[..keep].trim_end_matches('-'));
+        match rest {
+            Some(rest) => format!("{label}.{rest}"),
+            None => label,
+        }
+    }
 }
 
 /// The boot's view of the volume phase.
@@ -101,6 +130,15 @@ pub enum VolumeError {
     NotFound { what: String, fix: String },
     /// Several volumes match the tags.
     Ambiguous { what: String, found: Vec<String> },
+    /// No volume of the pool is free for this instance, and it may not create one.
+    PoolFull {
+        pool: String,
+        /// Why no new volume: the pool is full, or creation is off.
+        why_not_new: String,
+        /// The pool's volumes and who holds them.
+        held: Vec<String>,
+        waited: Duration,
+    },
     /// The volume is in another zone and following it is off.
     WrongZone {
         volume: String,
@@ -227,6 +265,7 @@ impl VolumeError {
                     )
             }
             VolumeError::HeldByRunning { .. }
+            | VolumeError::PoolFull { .. }
             | VolumeError::NotReleased { .. }
             | VolumeError::Timeout { .. }
             | VolumeError::Device { .. }
@@ -249,6 +288,20 @@ impl fmt::Display for VolumeError {
                 "{what} matches {} volumes: {}. Keep one (delete or re-tag the others) or set volume.id",
                 found.len(),
                 found.join("; ")
+            ),
+            VolumeError::PoolFull { pool, why_not_new, held, waited } => write!(
+                f,
+                "no volume of pool {pool} is free for this instance{} ({}), and {why_not_new}. This instance will not run Docker without a state of its own: it takes a volume once an instance of the pool lets go of one; to run more instances at once, raise volume.pool_max",
+                if waited.is_zero() {
+                    String::new()
+                } else {
+                    format!(" after waiting {}", human(*waited))
+                },
+                if held.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    held.join("; ")
+                }
             ),
             VolumeError::WrongZone { volume, zone, ours } => write!(
                 f,

@@ -27,6 +27,7 @@ fn docker_state_elsewhere_or_an_unreadable_record_stops_docker_with_its_cause() 
         volume_id: "vol-1".into(),
         device: "/dev/nvme1n1".into(),
         record: layout::Record::default(),
+        slot: None,
     };
     mountinfo(&paths, "0:25 /");
     let e = verify_docker_state(&paths, &m, "overlay2").unwrap_err();

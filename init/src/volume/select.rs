@@ -148,7 +148,7 @@ pub async fn follow_chain<E: Ec2>(ec2: &E, first: VolumeInfo) -> Result<VolumeIn
 /// A volume under a move claim: wait while the claimant lives; when it is gone (or it is us,
 /// from an earlier try), finish its move if it left a copy, else keep the volume (the claim is
 /// cleared by [`confirm_current`] once the volume is ours).
-async fn resolve_move<E: Ec2>(
+pub(super) async fn resolve_move<E: Ec2>(
     ec2: &E,
     v: VolumeInfo,
     me: &Identity,
@@ -218,21 +218,29 @@ fn orphan_reason(c: &VolumeInfo, found: &[VolumeInfo]) -> Option<String> {
     }
 }
 
-async fn by_tags<E: Ec2>(
+/// The volumes found by tags that hold a state, one per state: superseded volumes and orphan
+/// copies are passed over (and said so), and a move under way or interrupted is resolved to the
+/// volume that continues it.
+pub(super) struct Current {
+    pub live: Vec<VolumeInfo>,
+    /// Passed over, with why.
+    pub passed_over: Vec<String>,
+    /// States a live instance is moving into its zone: not to be used meanwhile.
+    pub being_moved: Vec<VolumeError>,
+}
+
+pub(super) async fn current<E: Ec2>(
     ec2: &E,
-    cfg: &config::Volume,
+    found: &[VolumeInfo],
     me: &Identity,
-) -> Result<Selected, VolumeError> {
-    let what = format!("{} in {}", describe_tags(&cfg.tags), me.region);
-    let found = api("DescribeVolumes", || ec2.find_volumes(&cfg.tags))
-        .await
-        .map_err(select_err)?;
+) -> Result<Current, VolumeError> {
     let mut live: Vec<VolumeInfo> = Vec::new();
     let mut passed_over: Vec<String> = Vec::new();
-    for v in &found {
+    let mut being_moved = Vec::new();
+    for v in found {
         if let Some(by) = superseded_by(v) {
             passed_over.push(format!("{} (superseded by {by})", v.id));
-        } else if let Some(why) = orphan_reason(v, &found) {
+        } else if let Some(why) = orphan_reason(v, found) {
             crate::log!(
                 "volume: ignoring {} in {}: {why}. It never held this state's latest data: delete it",
                 v.id,
@@ -253,9 +261,37 @@ async fn by_tags<E: Ec2>(
         .cloned()
         .collect();
     for s in sources {
-        let continued = resolve_move(ec2, s.clone(), me).await?;
+        let continued = resolve_move(ec2, s.clone(), me).await;
         live.retain(|v| v.id != s.id && v.tag(tags::MOVED_FROM) != Some(s.id.as_str()));
-        live.push(continued);
+        match continued {
+            Ok(v) => live.push(v),
+            Err(e @ VolumeError::BeingMoved { .. }) => being_moved.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Current {
+        live,
+        passed_over,
+        being_moved,
+    })
+}
+
+async fn by_tags<E: Ec2>(
+    ec2: &E,
+    cfg: &config::Volume,
+    me: &Identity,
+) -> Result<Selected, VolumeError> {
+    let what = format!("{} in {}", describe_tags(&cfg.tags), me.region);
+    let found = api("DescribeVolumes", || ec2.find_volumes(&cfg.tags))
+        .await
+        .map_err(select_err)?;
+    let Current {
+        mut live,
+        passed_over,
+        being_moved,
+    } = current(ec2, &found, me).await?;
+    if let Some(e) = being_moved.into_iter().next() {
+        return Err(e);
     }
     match live.len() {
         0 if !passed_over.is_empty() => Err(VolumeError::Lineage {
@@ -309,7 +345,17 @@ async fn create<E: Ec2>(
     cfg: &config::Volume,
     me: &Identity,
 ) -> Result<Selected, VolumeError> {
-    let mut tags = cfg.tags.clone();
+    crate::log!("volume: none {} exists", describe_tags(&cfg.tags));
+    create_tagged(ec2, cfg, me, cfg.tags.clone()).await
+}
+
+/// Creates a volume as configured, in this zone, with `tags` and spotinit's creation tags.
+pub(super) async fn create_tagged<E: Ec2>(
+    ec2: &E,
+    cfg: &config::Volume,
+    me: &Identity,
+    mut tags: std::collections::BTreeMap<String, String>,
+) -> Result<Selected, VolumeError> {
     tags.insert(tags::CREATED_BY.into(), me.instance_id.clone());
     tags.insert(tags::CREATED_AT.into(), now());
     let spec = NewVolume {
@@ -327,8 +373,7 @@ async fn create<E: Ec2>(
         client_token: Some(client_token(me)),
     };
     crate::log!(
-        "volume: none {} exists; creating {} GiB {} in {}{}",
-        describe_tags(&cfg.tags),
+        "volume: creating {} GiB {} in {}{}",
         cfg.size_gib,
         cfg.volume_type,
         me.zone,

@@ -10,10 +10,12 @@
 //! Run one module: `cargo test --release -p spotinit --test integration volume::`
 
 mod common;
+mod instance;
 
 mod clock;
 mod lifecycle;
 mod notify;
 mod pid1;
+mod pool;
 mod privileged_volume;
 mod volume;

@@ -238,6 +238,7 @@ fn volume_mount_binds_and_the_docker_state_check() {
                 volume_id: record.volume_id.clone(),
                 device: disk.dev.clone(),
                 record: record.clone(),
+                slot: None,
             };
             verify_docker_state(&paths, &mounted, "overlay2").unwrap();
             let e = verify_docker_state(&paths, &mounted, "vfs")
@@ -774,6 +775,7 @@ fn persisted_root_seeds_then_pivots_into_the_volume() {
                 volume_id: record.volume_id.clone(),
                 device: disk.dev.clone(),
                 record: record.clone(),
+                slot: None,
             };
             let volume_dev = dev_numbers(&disk.dev);
             // SAFETY: the child only makes synchronous system calls and exits with _exit; the

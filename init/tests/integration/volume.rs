@@ -12,109 +12,15 @@
 //! The world itself (moto, the fidelity layer, the disks) is in `common`, shared with the
 //! privileged tests that plug the same volumes in as loop devices.
 
-use crate::common::{create_tagged, fast, tag, vcfg, write_at, InstanceParts, World};
-use spotinit::cloud::ec2::Ec2Client;
+use crate::common::{create_tagged, fast, tag, vcfg, write_at, World};
 use spotinit::config;
-use spotinit::sys::fake::{FakeSystem, Op};
-use spotinit::sys::{MountSpec, MsFlags, Paths, System};
-use spotinit::volume::ebs::EbsVolume;
+use spotinit::sys::fake::Op;
+use spotinit::sys::{MountSpec, MsFlags, System};
 use spotinit::volume::layout;
 use spotinit::volume::{VolumeError, VolumePhase};
 use spotworld::fidelity::{Fault, Settings};
-use spotworld::imds::ImdsMock;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-struct Instance {
-    id: String,
-    root: PathBuf,
-    fake: FakeSystem,
-    _imds: ImdsMock,
-    volume: EbsVolume<Ec2Client, FakeSystem>,
-}
-
-impl World {
-    async fn instance(&self, zone: &str, cfg: config::Volume, driver: &str) -> Instance {
-        let InstanceParts {
-            id,
-            root,
-            imds,
-            ec2,
-            me,
-            devices,
-        } = self.instance_parts(zone).await;
-        let fake = FakeSystem::new(&root).with_mount_table();
-        // mkfs runs for real on the backing file, so signatures are real.
-        fake.on_spawn("mkfs.ext4", |cmd| {
-            let dev = cmd.args.last().unwrap();
-            let label = &cmd.args[cmd.args.iter().position(|a| a == "-L").unwrap() + 1];
-            let ok = std::process::Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", label, dev])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "mkfs.ext4 {dev}");
-        });
-        // The faked mount of the volume shows the volume's content directory.
-        let (r, disks) = (root.clone(), self.disks.clone());
-        fake.on_op(move |op| {
-            let vol_mount = PathBuf::from(layout::VOLUME_MOUNT);
-            match op {
-                Op::Mount { source, target, .. } if *target == vol_mount => {
-                    let img = std::fs::read_link(source).unwrap();
-                    let id = img.file_stem().unwrap().to_string_lossy().to_string();
-                    let at = r.join("run/spotinit/volume");
-                    std::fs::remove_dir_all(&at).unwrap();
-                    std::os::unix::fs::symlink(disks.content(&id), &at).unwrap();
-                }
-                Op::Umount { target, .. } if *target == vol_mount => {
-                    let at = r.join("run/spotinit/volume");
-                    std::fs::remove_file(&at).unwrap();
-                    std::fs::create_dir_all(&at).unwrap();
-                }
-                _ => {}
-            }
-        });
-        let volume = EbsVolume::new(
-            Arc::new(ec2),
-            Arc::new(fake.clone()),
-            Paths::under(&root),
-            cfg,
-            driver.into(),
-            me,
-            devices,
-        );
-        Instance {
-            id,
-            root,
-            fake,
-            _imds: imds,
-            volume,
-        }
-    }
-}
-
-impl Instance {
-    fn spawned(&self, program: &str) -> Vec<Vec<String>> {
-        self.fake
-            .ops()
-            .into_iter()
-            .filter_map(|op| match op {
-                Op::Spawn {
-                    program: p, args, ..
-                } if p == program => Some(args),
-                _ => None,
-            })
-            .collect()
-    }
-    fn record(&self) -> layout::Record {
-        layout::read_record(&Paths::under(&self.root))
-            .unwrap()
-            .unwrap()
-    }
-}
 
 #[tokio::test]
 async fn first_boot_creates_and_formats_then_a_successor_resumes_the_same_state() {

@@ -7,6 +7,7 @@
 //! prepares its filesystem, `mount` mounts it and keeps the record, `put_away` unmounts what
 //! lives on it before the detach.
 
+mod claim;
 mod disk;
 mod modify;
 mod mount;
@@ -14,7 +15,7 @@ mod phase;
 mod put_away;
 
 use super::device::DeviceWatcher;
-use super::Mounted;
+use super::{Mounted, Slot};
 use crate::cloud::{Ec2, Identity, VolumeInfo};
 use crate::config;
 use crate::critical::Critical;
@@ -31,11 +32,16 @@ pub struct EbsVolume<E: Ec2, S: System> {
     me: Identity,
     devices: DeviceWatcher,
     critical: Critical,
+    /// `volume.pool`: how long to wait for one of the pool's volumes to be free (the
+    /// configured `live_holder_wait_secs`; in a pool no one volume's holder is waited for).
+    pool_wait: std::time::Duration,
     // Progress.
     volume_id: Option<String>,
     /// The volume as EC2 last described it: its tags say how it may be formatted.
     info: Option<VolumeInfo>,
     created: bool,
+    /// The pool volume's slot, once this instance holds it.
+    slot: Option<Slot>,
     /// Brought to the configured size and type (or left as it is, with a warning).
     modified: bool,
     attach_requested: bool,
@@ -59,6 +65,12 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         me: Identity,
         devices: DeviceWatcher,
     ) -> Self {
+        let mut cfg = cfg;
+        let pool_wait = std::time::Duration::from_secs(cfg.live_holder_wait_secs);
+        if cfg.pool.is_some() {
+            // A pool volume held by a live instance is that instance's: take another.
+            cfg.live_holder_wait_secs = 0;
+        }
         EbsVolume {
             ec2,
             sys,
@@ -68,9 +80,11 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             me,
             devices,
             critical: Critical::default(),
+            pool_wait,
             volume_id: None,
             info: None,
             created: false,
+            slot: None,
             modified: false,
             attach_requested: false,
             confirmed: false,

@@ -149,6 +149,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             volume_id: volume_id.into(),
             device: device.to_path_buf(),
             record,
+            slot: self.slot.clone(),
         })
     }
 

@@ -21,6 +21,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         self.volume_id = None;
         self.info = None;
         self.created = false;
+        self.slot = None;
         self.modified = false;
         self.attach_requested = false;
         self.confirmed = false;
@@ -34,9 +35,11 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
         if let Some(m) = &self.mounted {
             return Ok(m.clone());
         }
-        let volume_id = match &self.volume_id {
-            Some(id) => id.clone(),
-            None => {
+        let pool = self.cfg.pool.clone();
+        let volume_id = match (&self.volume_id, pool) {
+            (Some(id), _) => id.clone(),
+            (None, Some(pool)) => self.claim_from_pool(&pool).await?,
+            (None, None) => {
                 let s = select::select(&*self.ec2, &self.cfg, &self.me).await?;
                 self.created = s.created;
                 self.volume_id = Some(s.volume.id.clone());

@@ -1,0 +1,229 @@
+//! `volume.pool` against the EC2 world in a box: instances of a group take the pool's volumes
+//! exclusively without a coordinator (attaching is the lock), a replacement takes the slot its
+//! predecessor left, new volumes are created only within the pool's maximum (racing creators
+//! keep one per slot), and an instance with nothing to take fails closed, saying why.
+
+use crate::common::{create_tagged, fast, tag, vcfg, World};
+use crate::instance::Instance;
+use spotinit::config;
+use spotinit::volume::{Mounted, VolumeError, VolumePhase};
+use std::collections::BTreeSet;
+
+const POOL: &str = "runners";
+
+fn pcfg(pool_max: u32) -> config::Volume {
+    config::Volume {
+        pool: Some(POOL.into()),
+        pool_max,
+        ..vcfg()
+    }
+}
+
+/// `n` existing volumes of the pool in `zone`, slots 1..=n.
+async fn pool_of(w: &World, zone: &str, n: u32) -> Vec<String> {
+    let api = w.fidelity.client();
+    let mut ids = Vec::new();
+    for slot in 1..=n {
+        let slot = slot.to_string();
+        ids.push(
+            create_tagged(
+                &api,
+                zone,
+                &[
+                    ("Name", "spotinit-state"),
+                    ("spotinit:pool", POOL),
+                    ("spotinit:slot", &slot),
+                ],
+            )
+            .await,
+        );
+    }
+    ids
+}
+
+fn created(w: &World) -> usize {
+    w.fidelity
+        .requests()
+        .iter()
+        .filter(|r| r.action == "CreateVolume" && r.status == 200)
+        .count()
+}
+
+/// The instances' volume phases at once (a group booting together), each on its own task.
+async fn acquire_all(instances: &mut Vec<Instance>) -> Vec<Result<Mounted, VolumeError>> {
+    let tasks: Vec<_> = instances
+        .drain(..)
+        .map(|mut i| {
+            tokio::spawn(async move {
+                let r = i.volume.acquire().await;
+                (i, r)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        instances.push(i);
+        results.push(r);
+    }
+    results
+}
+
+fn slot_of(m: &Mounted) -> u32 {
+    m.slot.as_ref().expect("a pool volume has a slot").number
+}
+
+#[tokio::test]
+async fn instances_booting_together_take_different_volumes_then_a_replacement_takes_the_freed_slot()
+{
+    let w = World::start(fast()).await;
+    let pool = pool_of(&w, "us-east-1a", 3).await;
+    let mut group = Vec::new();
+    for _ in 0..3 {
+        group.push(w.instance("us-east-1a", pcfg(3), "overlay2").await);
+    }
+    let got: Vec<Mounted> = acquire_all(&mut group)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let volumes: BTreeSet<&str> = got.iter().map(|m| m.volume_id.as_str()).collect();
+    let slots: BTreeSet<u32> = got.iter().map(slot_of).collect();
+    assert_eq!(volumes, pool.iter().map(String::as_str).collect());
+    assert_eq!(slots, BTreeSet::from([1, 2, 3]));
+    assert_eq!(created(&w), 3, "only the test's own three volumes");
+    for (i, m) in group.iter().zip(&got) {
+        let v = w.moto.client().describe_volume(&m.volume_id).await.unwrap();
+        assert_eq!(v.attachments.len(), 1, "{v:?}");
+        assert_eq!(v.attachments[0].instance_id, i.id);
+        assert_eq!(
+            tag(&v, "spotinit:slot"),
+            Some(slot_of(m).to_string().as_str())
+        );
+        assert_eq!(i.record().volume_id, m.volume_id);
+    }
+    // The instance in slot 2 is terminated (a spot reclaim): its replacement waits for EC2 to
+    // release that volume and takes it, the same slot, though the other two are held.
+    let (gone, gone_m) = group
+        .iter()
+        .zip(&got)
+        .find(|(_, m)| slot_of(m) == 2)
+        .unwrap();
+    w.fidelity.terminate(&gone.id).await.unwrap();
+    let mut next = w.instance("us-east-1a", pcfg(3), "overlay2").await;
+    let m = next.volume.acquire().await.unwrap();
+    assert_eq!(m.volume_id, gone_m.volume_id);
+    assert_eq!(slot_of(&m), 2);
+    assert_eq!(next.record().boot_count, 2, "it continues that state");
+    assert_eq!(created(&w), 3);
+}
+
+#[tokio::test]
+async fn a_new_volume_takes_the_lowest_free_slot_and_beyond_the_maximum_the_boot_fails_closed() {
+    let w = World::start(fast()).await;
+    // Slots 1 and 3 exist: the new one is 2.
+    let api = w.fidelity.client();
+    for slot in ["1", "3"] {
+        create_tagged(
+            &api,
+            "us-east-1a",
+            &[
+                ("Name", "spotinit-state"),
+                ("spotinit:pool", POOL),
+                ("spotinit:slot", slot),
+            ],
+        )
+        .await;
+    }
+    let mut group = Vec::new();
+    for _ in 0..3 {
+        group.push(w.instance("us-east-1a", pcfg(3), "overlay2").await);
+    }
+    let got: Vec<Mounted> = acquire_all(&mut group)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let slots: BTreeSet<u32> = got.iter().map(slot_of).collect();
+    assert_eq!(slots, BTreeSet::from([1, 2, 3]));
+    let new = got.iter().find(|m| slot_of(m) == 2).unwrap();
+    let v = w
+        .moto
+        .client()
+        .describe_volume(&new.volume_id)
+        .await
+        .unwrap();
+    assert_eq!(tag(&v, "spotinit:pool"), Some(POOL));
+    assert_eq!(tag(&v, "Name"), Some("spotinit-state"));
+    assert_eq!(created(&w), 3);
+    // A fourth: every volume is held by a live instance and the pool is at its maximum.
+    let mut fourth = w.instance("us-east-1a", pcfg(3), "overlay2").await;
+    let e = fourth.volume.acquire().await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VolumeError::PoolFull { .. }), "{msg}");
+    assert!(e.retryable(), "an instance of the pool may let go");
+    assert!(msg.contains("no volume of pool runners is free"), "{msg}");
+    assert!(msg.contains("volume.pool_max = 3"), "{msg}");
+    for i in &group {
+        assert!(msg.contains(&i.id), "names the holders: {msg}");
+    }
+    assert_eq!(created(&w), 3, "nothing created beyond the maximum");
+    assert!(fourth.fake.briefs().iter().all(|x| !x.starts_with("mount")));
+    fourth.volume.release().await.unwrap();
+    // Its release detached nothing of the others'.
+    for (i, m) in group.iter().zip(&got) {
+        let v = w.moto.client().describe_volume(&m.volume_id).await.unwrap();
+        assert_eq!(v.attachments[0].instance_id, i.id);
+    }
+}
+
+/// Two instances find the pool empty at once and both create slot 1: the older volume keeps
+/// it, the other is deleted unused, and its creator takes slot 2 if the pool has room — or,
+/// with room for one, fails closed.
+#[tokio::test]
+async fn racing_creators_keep_one_volume_per_slot() {
+    for pool_max in [2, 1] {
+        let w = World::start(fast()).await;
+        let mut two = vec![
+            w.instance("us-east-1a", pcfg(pool_max), "overlay2").await,
+            w.instance("us-east-1a", pcfg(pool_max), "overlay2").await,
+        ];
+        let got = acquire_all(&mut two).await;
+        let won: Vec<&Mounted> = got.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let slots: BTreeSet<u32> = won.iter().map(|m| slot_of(m)).collect();
+        let left: Vec<_> = w
+            .volumes()
+            .await
+            .into_iter()
+            .filter(|v| v.state != "deleting" && v.state != "deleted")
+            .collect();
+        match pool_max {
+            2 => {
+                assert_eq!(slots, BTreeSet::from([1, 2]), "{got:?}");
+                assert_eq!(left.len(), 2, "{left:?}");
+            }
+            _ => {
+                assert_eq!(slots, BTreeSet::from([1]), "{got:?}");
+                let e = got.iter().find_map(|r| r.as_ref().err()).unwrap();
+                assert!(matches!(e, VolumeError::PoolFull { .. }), "{e}");
+                assert_eq!(left.len(), 1, "{left:?}");
+            }
+        }
+        let mut slot_tags: Vec<&str> = left
+            .iter()
+            .map(|v| tag(v, "spotinit:slot").unwrap())
+            .collect();
+        slot_tags.sort();
+        slot_tags.dedup();
+        assert_eq!(slot_tags.len(), left.len(), "one volume per slot: {left:?}");
+        let creates = created(&w);
+        let deletes = w
+            .fidelity
+            .requests()
+            .iter()
+            .filter(|r| r.action == "DeleteVolume" && r.status == 200)
+            .count();
+        println!("pool_max {pool_max}: {creates} created, {deletes} deleted");
+        assert_eq!(creates - deletes, left.len());
+    }
+}
