@@ -1,9 +1,12 @@
 //! What to launch ([`InstanceSpec`], [`Net`]) and the launch: an instance in the API, its IMDS,
 //! its VM booted from the image with the endpoints it needs.
 
+use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use super::{SimInstance, World, DOCKER_API_PORT, LINK_LOCAL_HOST, SERVICE_PORT};
@@ -222,6 +225,45 @@ impl World {
             ebs: self.ebs.clone(),
             started,
         })
+    }
+}
+
+impl World {
+    /// Launches the instances at once, as an Auto Scaling group does; returns them in the order
+    /// given, or the first launch's error (the others are dropped, which kills their VMs).
+    pub async fn launch_all(&self, specs: Vec<InstanceSpec>) -> Result<Vec<SimInstance>> {
+        type Launch<'a> = Pin<Box<dyn Future<Output = Result<SimInstance>> + Send + 'a>>;
+        let mut pending: Vec<Option<Launch<'_>>> = specs
+            .into_iter()
+            .map(|s| Some(Box::pin(self.launch(s)) as Launch<'_>))
+            .collect();
+        let mut launched: Vec<Option<Result<SimInstance>>> = pending.iter().map(|_| None).collect();
+        // Polls every launch still running on each wake-up: a handful, so no bookkeeping of
+        // which one woke.
+        std::future::poll_fn(|cx| {
+            let mut running = false;
+            for (launch, out) in pending.iter_mut().zip(launched.iter_mut()) {
+                if let Some(f) = launch {
+                    match f.as_mut().poll(cx) {
+                        Poll::Ready(r) => {
+                            *out = Some(r);
+                            *launch = None;
+                        }
+                        Poll::Pending => running = true,
+                    }
+                }
+            }
+            if running {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        launched
+            .into_iter()
+            .map(|r| r.expect("every launch finished"))
+            .collect()
     }
 }
 

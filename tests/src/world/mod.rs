@@ -48,13 +48,14 @@
 //!
 //! The world itself (this file: start, the API helpers) and one file per part: where the image
 //! is (`image`), the world's settings (`settings`), what to launch and the launch
-//! (`launch`), a launched instance (`instance`), the scenarios' user data (`user_data`), a look
-//! inside a volume (`debugfs`) and spotinit's phase timings (`timings`).
+//! (`launch`), a launched instance (`instance`), the scenarios' user data (`user_data`), volume
+//! pools (`pool`), a look inside a volume (`debugfs`) and spotinit's phase timings (`timings`).
 
 mod debugfs;
 mod image;
 mod instance;
 mod launch;
+mod pool;
 mod settings;
 mod timings;
 mod user_data;
@@ -63,6 +64,7 @@ pub use debugfs::debugfs;
 pub use image::Image;
 pub use instance::SimInstance;
 pub use launch::{InstanceSpec, Net};
+pub use pool::{one_volume_each, slot_of, LostRace, TookSlot, POOL_TAG, SLOT_TAG};
 pub use settings::{e2e_settings, WorldSettings};
 pub use timings::{parse_human, phase_timings};
 pub use user_data::{docker_api_toml, UserData};

@@ -10,6 +10,10 @@ pub struct UserData {
     pub volume_name: String,
     /// `volume.id`: this volume (and wherever its state moved), whatever the tags say.
     pub volume_id: Option<String>,
+    /// `volume.pool`: take a free volume of this pool (tagged `spotinit:pool`), or create one.
+    pub pool: Option<String>,
+    /// `volume.pool_max`: how many volumes the pool may hold; written only with `pool`.
+    pub pool_max: u32,
     pub size_gib: u32,
     pub create: bool,
     pub storage_driver: String,
@@ -35,6 +39,8 @@ impl UserData {
         UserData {
             volume_name: volume_name.to_owned(),
             volume_id: None,
+            pool: None,
+            pool_max: 0,
             size_gib: 1,
             create: true,
             storage_driver: "overlay2".into(),
@@ -63,6 +69,10 @@ impl UserData {
             self.volume_name,
             self.storage_driver
         );
+        if let Some(pool) = &self.pool {
+            let keys = format!("pool = \"{pool}\"\npool_max = {}\n", self.pool_max);
+            t = t.replacen("[volume]\n", &format!("[volume]\n{keys}"), 1);
+        }
         if let Some(id) = &self.volume_id {
             t = t.replacen("[volume]\n", &format!("[volume]\nid = \"{id}\"\n"), 1);
         }
@@ -118,6 +128,26 @@ mod tests {
         assert_eq!(
             t.get("docker.daemon").map(String::as_str),
             Some("{ hosts = [\"tcp://0.0.0.0:2376\"] }")
+        );
+        assert_eq!(t.get("volume.pool"), None);
+        assert_eq!(t.get("volume.pool_max"), None);
+    }
+
+    #[test]
+    fn a_pool_is_written_into_the_volume_table() {
+        let mut u = UserData::new("t2");
+        u.docker_api = false;
+        u.pool = Some("runners".into());
+        u.pool_max = 4;
+        let t = toml_check::parse(&u.to_toml());
+        assert_eq!(
+            t.get("volume.pool").map(String::as_str),
+            Some("\"runners\"")
+        );
+        assert_eq!(t.get("volume.pool_max").map(String::as_str), Some("4"));
+        assert_eq!(
+            t.get("volume.tags.Name").map(String::as_str),
+            Some("\"t2\"")
         );
     }
 

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use spotworld::docker::{deploy_counter, Counter};
 use spotworld::qemu::{ConsoleCursor, ConsoleLine};
-use spotworld::world::{InstanceSpec, SimInstance, UserData, World};
+use spotworld::world::{
+    InstanceSpec, SimInstance, UserData, World, BOOT_FAILED_MARKER, READY_MARKER,
+};
 
 /// Scenarios in this binary run one after another: two at once would each boot VMs on the same
 /// two cores and stretch every deadline. A tokio mutex, so a scenario that panics frees the turn.
@@ -32,6 +34,23 @@ pub const STEP: Duration = Duration::from_secs(180);
 /// Waits for the next line containing `needle`, panicking with the console tail otherwise.
 pub async fn expect(c: &mut ConsoleCursor, needle: &str, deadline: Duration) -> ConsoleLine {
     match c.wait_for(needle, deadline).await {
+        Ok(l) => l,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Ready, or the boot failure, whichever comes first: for instances booting at once, some of
+/// which must lose (a deadline of two boots, as they share the cores).
+pub async fn ready_or_failed(i: &SimInstance) -> ConsoleLine {
+    let outcome = i
+        .console()
+        .wait_until(
+            "ready or BOOT FAILED",
+            |t| t.contains(READY_MARKER) || t.contains(BOOT_FAILED_MARKER),
+            BOOT + BOOT,
+        )
+        .await;
+    match outcome {
         Ok(l) => l,
         Err(e) => panic!("{e}"),
     }

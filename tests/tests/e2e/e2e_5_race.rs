@@ -10,23 +10,8 @@
 
 use std::time::Instant;
 
-use crate::common::{never, report, BOOT, STEP};
-use spotworld::qemu::ConsoleLine;
-use spotworld::world::{
-    InstanceSpec, SimInstance, UserData, World, WorldSettings, BOOT_FAILED_MARKER, READY_MARKER,
-};
-
-/// Ready, or the boot failure, whichever comes first.
-async fn outcome(i: &SimInstance) -> ConsoleLine {
-    i.console()
-        .wait_until(
-            "ready or BOOT FAILED",
-            |t| t.contains(READY_MARKER) || t.contains(BOOT_FAILED_MARKER),
-            BOOT + BOOT,
-        )
-        .await
-        .unwrap()
-}
+use crate::common::{never, ready_or_failed, report, STEP};
+use spotworld::world::{InstanceSpec, UserData, World, WorldSettings, READY_MARKER};
 
 #[tokio::test]
 async fn two_instances_race_for_one_volume_and_exactly_one_gets_it() {
@@ -48,7 +33,7 @@ async fn two_instances_race_for_one_volume_and_exactly_one_gets_it() {
         world.launch(InstanceSpec::new("two", "us-east-1a").user_data(ud.to_toml())),
     );
     let (one, two) = (one.unwrap(), two.unwrap());
-    let (o1, o2) = tokio::join!(outcome(&one), outcome(&two));
+    let (o1, o2) = tokio::join!(ready_or_failed(&one), ready_or_failed(&two));
     report("both decided", t0);
 
     let (winner, loser, failure) = match (

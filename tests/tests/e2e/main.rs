@@ -15,6 +15,7 @@ mod e2e_14_drain_leftovers;
 mod e2e_15_declared_containers;
 mod e2e_16_grow;
 mod e2e_17_handover;
+mod e2e_18_pool;
 mod e2e_1_first_boot;
 mod e2e_2_graceful_interruption;
 mod e2e_3_hard_kill;
