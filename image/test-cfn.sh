@@ -4,11 +4,15 @@
 #      build/cfn-venv (created on first use: pip install cfn-lint, which needs the network once).
 #   2. The safety properties are still there, read from the parsed template (not from its text):
 #      IMDSv2 required with hop limit 1 and metadata tags off, capacity rebalancing, a group of
-#      one that is 100 % spot (price-capacity-optimized), and the AssociateAddress statement only
-#      when an Elastic IP is given.
-#   3. The user data the template renders (with the default parameters, with an Elastic IP, and
-#      with Service=gitlab, which also opens GitLab's ports and moves spotinit's SSH to 2222)
-#      passes `spotinit config check`, when a spotinit binary has been built.
+#      InstanceCount (no more instances than volumes) that is 100 % spot
+#      (price-capacity-optimized), and the AssociateAddress statement only when an Elastic IP is
+#      given. With a pool (PoolName): pool and pool_max in the user data's [volume], every
+#      statement of the role on the state volume also scoped by spotinit:pool, and DeleteVolume
+#      on the pool's volumes; without one, no pool anywhere. The template's Rules refuse
+#      InstanceCount above 1 without a pool, or with an Elastic IP.
+#   3. The user data the template renders (with the default parameters, with an Elastic IP, with
+#      Service=gitlab, which also opens GitLab's ports and moves spotinit's SSH to 2222, and with
+#      a pool of 3) passes `spotinit config check`, when a spotinit binary has been built.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,6 +70,8 @@ def check(ok, what):
 NOVALUE = object()
 
 def render(params):
+    """The resources CloudFormation would create for params, and the AssertDescription of each of
+    the template's Rules assertions that refuses params."""
     values = {k: str(v.get("Default", "")) for k, v in t["Parameters"].items()}
     values.update(params)
     values.update({"AWS::StackName": "spotinit", "AWS::Region": "eu-west-1",
@@ -118,21 +124,30 @@ def render(params):
             conditions[name] = bool(ev(t["Conditions"][name]))
         return conditions[name]
 
-    return {name: ev(r) for name, r in t["Resources"].items()}
+    refused = [a["AssertDescription"] for rule in t.get("Rules", {}).values()
+               if ev(rule.get("RuleCondition", True))
+               for a in rule["Assertions"] if not ev(a["Assert"])]
+    return {name: ev(r) for name, r in t["Resources"].items()}, refused
 
 def of_type(resources, kind):
     found = [r for r in resources.values() if r["Type"] == kind]
     check(len(found) == 1, f"expected exactly one {kind}, found {len(found)}")
     return found[0] if found else {"Properties": {}}
 
+def string_equals(statement):
+    return statement.get("Condition", {}).get("StringEquals", {})
+
 gitlab = {"Service": "gitlab", "GitLabExternalUrl": "https://gitlab.example.com",
           "KeyName": "my-key", "AllowedCidr": "203.0.113.0/24",
           "NotifyWebhookUrl": "https://hooks.slack.com/services/T000/B000/XXXX"}
+pool = {"PoolName": "runners", "InstanceCount": "3"}
 for name, label, params, eip in [("defaults", "defaults", {}, None),
                                  ("eip", "with an Elastic IP", {"ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
                                   "eipalloc-0123456789abcdef0"),
-                                 ("gitlab", "with GitLab", gitlab, None)]:
-    res = render(params)
+                                 ("gitlab", "with GitLab", gitlab, None),
+                                 ("pool", "with a pool of 3", pool, None)]:
+    res, refused = render(params)
+    check(not refused, f"{label}: refused by the template's Rules: {refused}")
     lt = of_type(res, "AWS::EC2::LaunchTemplate")["Properties"].get("LaunchTemplateData", {})
     md = lt.get("MetadataOptions", {})
     check(md.get("HttpTokens") == "required", f"{label}: MetadataOptions.HttpTokens is not 'required' (IMDSv2 only)")
@@ -142,7 +157,10 @@ for name, label, params, eip in [("defaults", "defaults", {}, None),
     check(lt.get("EbsOptimized") is True, f"{label}: the launch template is not EbsOptimized")
     asg = of_type(res, "AWS::AutoScaling::AutoScalingGroup")["Properties"]
     check(asg.get("CapacityRebalance") is True, f"{label}: the group's CapacityRebalance is not true")
-    check(str(asg.get("MaxSize")) == "1", f"{label}: the group's MaxSize is not 1 (one instance owns the volume)")
+    count = params.get("InstanceCount", "1")
+    sizes = [str(asg.get(k)) for k in ("MinSize", "MaxSize", "DesiredCapacity")]
+    check(sizes == [count] * 3,
+          f"{label}: the group's MinSize, MaxSize, DesiredCapacity are {sizes}, not InstanceCount {count} (no more instances than volumes)")
     dist = asg.get("MixedInstancesPolicy", {}).get("InstancesDistribution", {})
     check(dist.get("OnDemandBaseCapacity") == 0 and dist.get("OnDemandPercentageAboveBaseCapacity") == 0,
           f"{label}: the group is not 100 % spot")
@@ -161,7 +179,28 @@ for name, label, params, eip in [("defaults", "defaults", {}, None),
         check(not associate, f"{label}: the role may associate addresses without an Elastic IP given")
     check(not any(s.get("Action") == "*" or s.get("Action") == "ec2:*" for s in statements),
           f"{label}: a statement grants every action")
+    # The statements on the state volume are those scoped by its Name tag.
+    by_name = [s for s in statements if any(k.endswith("Tag/Name") for k in string_equals(s))]
+    deletes = [s for s in statements if "ec2:DeleteVolume" in str(s.get("Action"))]
     user_data = lt.get("UserData", "")
+    volume_section = user_data.split("[volume]\n", 1)[-1].split("\n\n", 1)[0]
+    if params is pool:
+        for s in by_name:
+            tag = next(k for k in string_equals(s) if k.endswith("Tag/Name")).replace("/Name", "/spotinit:pool")
+            check(string_equals(s).get(tag) == "runners",
+                  f"{label}: {s.get('Sid')} is not scoped by {tag} = runners")
+        granted = {a for s in by_name for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+        for action in ["ec2:CreateVolume", "ec2:AttachVolume", "ec2:DetachVolume", "ec2:ModifyVolume", "ec2:DeleteVolume"]:
+            check(action in granted, f"{label}: the role has no {action} on the pool's volumes")
+        check(all(s in by_name or "spotinit:superseded-by" in str(s.get("Condition")) for s in deletes),
+              f"{label}: the role may delete volumes neither of the pool nor tagged superseded")
+        check('pool = "runners"' in volume_section and "pool_max = 3" in volume_section,
+              f"{label}: the user data's [volume] lacks pool = \"runners\" or pool_max = 3:\n{volume_section}")
+    else:
+        check("spotinit:pool" not in str(statements), f"{label}: the role names a pool without PoolName")
+        check(all("spotinit:superseded-by" in str(s.get("Condition")) for s in deletes),
+              f"{label}: the role may delete volumes not tagged superseded")
+        check("pool" not in volume_section, f"{label}: the user data's [volume] names a pool without PoolName")
     ingress = of_type(res, "AWS::EC2::SecurityGroup")["Properties"].get("SecurityGroupIngress", [])
     ports = sorted(int(r["FromPort"]) for r in ingress)
     if params is gitlab:
@@ -179,6 +218,20 @@ for name, label, params, eip in [("defaults", "defaults", {}, None),
     with open(f"{out}/user-data-{name}.toml", "w") as f:
         f.write(user_data)
 
+# The Rules: several instances need a pool, and an Elastic IP one instance; a pool of one is fine.
+for label, params, refusing in [
+        ("2 instances without a pool", {"InstanceCount": "2"}, "PoolName"),
+        ("2 instances of a pool with an Elastic IP",
+         {"InstanceCount": "2", "PoolName": "runners", "ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
+         "ElasticIpAllocationId"),
+        ("a pool of 1 with an Elastic IP", {"PoolName": "solo", "ElasticIpAllocationId": "eipalloc-0123456789abcdef0"},
+         None)]:
+    _, refused = render(params)
+    if refusing:
+        check(any(refusing in r for r in refused), f"{label}: not refused by the template's Rules")
+    else:
+        check(not refused, f"{label}: refused by the template's Rules: {refused}")
+
 for p in problems:
     print("test-cfn.sh:", p, file=sys.stderr)
 sys.exit(1 if problems else 0)
@@ -191,4 +244,4 @@ if [[ -x $spotinit ]]; then
     done
     checked="user data passes spotinit config check ($(sed 's/^[^:]*: ok: //' "$tmp/check"))"
 fi
-echo "test-cfn.sh: ok: cfn-lint $("$venv/bin/cfn-lint" --version | awk '{print $2}') clean; IMDSv2 required, hop limit 1, capacity rebalancing, 100 % spot; $checked"
+echo "test-cfn.sh: ok: cfn-lint $("$venv/bin/cfn-lint" --version | awk '{print $2}') clean; IMDSv2 required, hop limit 1, capacity rebalancing, 100 % spot; InstanceCount > 1 only with a pool, the pool's role scoped by spotinit:pool; $checked"
