@@ -194,6 +194,9 @@ for name, label, params, eip in [("defaults", "defaults", {}, None),
             check(action in granted, f"{label}: the role has no {action} on the pool's volumes")
         check(all(s in by_name or "spotinit:superseded-by" in str(s.get("Condition")) for s in deletes),
               f"{label}: the role may delete volumes neither of the pool nor tagged superseded")
+        check(all(s.get("Condition", {}).get("Null", {}).get("aws:ResourceTag/spotinit:format") == "true"
+                  for s in deletes if s in by_name),
+              f"{label}: the role may delete pool volumes that were formatted (not only a creation race's blank loser)")
         check('pool = "runners"' in volume_section and "pool_max = 3" in volume_section,
               f"{label}: the user data's [volume] lacks pool = \"runners\" or pool_max = 3:\n{volume_section}")
     else:

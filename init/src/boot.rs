@@ -283,7 +283,7 @@ async fn take_the_volume<P: Platform>(
     }
     let vol = st.volume.as_mut().expect("set above");
     let mounted = phase("volume", acquire_with_retries(vol, config)).await?;
-    platform.start_volume_upkeep(config, identity, meta, &mounted.volume_id, events);
+    platform.start_volume_upkeep(config, identity, meta, &mounted, events);
     st.mounted = Some(mounted);
     Ok(())
 }

@@ -268,6 +268,41 @@ pub async fn associate_address<E: Ec2>(ec2: &E, allocation_id: &str, me: &Identi
     }
 }
 
+/// `address.from_pool`: the Elastic IP of this host's slot (tagged with its pool and slot),
+/// associated as a configured one is. None or several: said, and none associated.
+pub async fn associate_slot_address<E: Ec2>(
+    ec2: &E,
+    slot: &crate::volume::Slot,
+    me: &Identity,
+) -> bool {
+    let wanted = BTreeMap::from([
+        (tags::POOL.to_string(), slot.pool.clone()),
+        (tags::SLOT.to_string(), slot.number.to_string()),
+    ]);
+    let what = crate::cloud::describe_tags(&wanted);
+    match api("DescribeAddresses", || ec2.find_addresses(&wanted)).await {
+        Ok(found) => match found.as_slice() {
+            [alloc] => associate_address(ec2, alloc, me).await,
+            [] => {
+                crate::log!("address: no Elastic IP is {what}: allocate one and tag it so to give slot {} its stable address", slot.number);
+                false
+            }
+            several => {
+                crate::log!(
+                    "address: {} Elastic IPs are {what} ({}): tag only one so; none associated",
+                    several.len(),
+                    several.join(", ")
+                );
+                false
+            }
+        },
+        Err(e) => {
+            crate::log!("address: cannot look up the Elastic IP {what}: {e}; the service is not reachable at its stable address");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,7 +85,7 @@ pub trait Platform {
         cfg: &Config,
         identity: &Identity,
         meta: &Self::Meta,
-        volume_id: &str,
+        mounted: &crate::volume::Mounted,
         events: Self::Events,
     );
 }

@@ -106,7 +106,7 @@ impl<S: System> Platform for Aws<S> {
         cfg: &Config,
         me: &Identity,
         meta: &Imds,
-        volume_id: &str,
+        mounted: &crate::volume::Mounted,
         events: Self::Events,
     ) {
         let ec2 = self.ec2(cfg, me, meta);
@@ -116,9 +116,15 @@ impl<S: System> Platform for Aws<S> {
                 crate::lifecycle::associate_address(&*ec2, &alloc, &me).await;
             });
         }
+        if let (true, Some(slot)) = (cfg.address.from_pool, mounted.slot.clone()) {
+            let (ec2, me) = (ec2.clone(), me.clone());
+            tokio::spawn(async move {
+                crate::lifecycle::associate_slot_address(&*ec2, &slot, &me).await;
+            });
+        }
         let snapshots = crate::lifecycle::Snapshots {
             ec2,
-            volume_id: volume_id.to_string(),
+            volume_id: mounted.volume_id.clone(),
             me: me.clone(),
             keep: cfg.snapshots.keep,
         };

@@ -210,7 +210,7 @@ impl Platform for FakeCloud {
     }
     type Events = ();
     fn watch(&self, _: &Config, _: &FakeMeta, _: mpsc::UnboundedSender<Request>) {}
-    fn start_volume_upkeep(&self, _: &Config, _: &Identity, _: &FakeMeta, _: &str, _: ()) {
+    fn start_volume_upkeep(&self, _: &Config, _: &Identity, _: &FakeMeta, _: &Mounted, _: ()) {
         self.log
             .lock()
             .unwrap()

@@ -492,4 +492,24 @@ impl Ec2 for Ec2Client {
                 )
             })
     }
+
+    async fn find_addresses(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<String>, CloudError> {
+        let out = self
+            .client
+            .describe_addresses()
+            .set_filters(Some(tag_filters(tags)))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeAddresses", &super::describe_tags(tags), e))?;
+        // The filter is checked again exactly, as for volumes.
+        Ok(out
+            .addresses()
+            .iter()
+            .filter(|a| super::has_tags(&tags_map(a.tags()), tags))
+            .filter_map(|a| a.allocation_id().map(str::to_string))
+            .collect())
+    }
 }

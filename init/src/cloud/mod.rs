@@ -318,6 +318,11 @@ pub trait Ec2: Send + Sync + 'static {
         allocation_id: &str,
         instance: &str,
     ) -> impl Future<Output = Result<String, CloudError>> + Send;
+    /// The allocation ids of the Elastic IPs carrying all these tags.
+    fn find_addresses(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
 }
 
 /// What kind of failure a cloud call had, which decides whether to retry.

@@ -383,6 +383,18 @@ impl Config {
                 ));
             }
         }
+        if self.address.from_pool {
+            let problem = if self.volume.pool.is_none() {
+                Some("an Elastic IP per slot needs volume.pool")
+            } else if self.address.elastic_ip_allocation_id.is_some() {
+                Some("either one Elastic IP (elastic_ip_allocation_id) or one per slot (from_pool)")
+            } else {
+                None
+            };
+            if let Some(why) = problem {
+                p.push(("address.from_pool".into(), why.into()));
+            }
+        }
         if let Some(u) = &self.notify.webhook_url {
             if !u.starts_with("https://") || !is_url(u) {
                 p.push((

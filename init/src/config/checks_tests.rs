@@ -244,3 +244,22 @@ fn a_pool_has_a_host_name_safe_name_a_maximum_and_no_volume_id() {
         ["volume.pool"]
     );
 }
+
+#[test]
+fn an_elastic_ip_per_slot_needs_a_pool_and_no_single_elastic_ip() {
+    let pool = "[volume]\npool = \"r\"\npool_max = 2\n";
+    assert_eq!(
+        keys_of(&format!("{pool}[address]\nfrom_pool = true\n")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        keys_of("[address]\nfrom_pool = true\n"),
+        ["address.from_pool"]
+    );
+    assert_eq!(
+        keys_of(&format!(
+            "{pool}[address]\nfrom_pool = true\nelastic_ip_allocation_id = \"eipalloc-0123456789abcdef0\"\n"
+        )),
+        ["address.from_pool"]
+    );
+}

@@ -301,6 +301,9 @@ impl Default for Snapshots {
 pub struct Address {
     /// Associate this Elastic IP (`eipalloc-...`) with the instance at boot.
     pub elastic_ip_allocation_id: Option<String>,
+    /// With `volume.pool`: associate the Elastic IP of this host's slot, the one tagged
+    /// `spotinit:pool = <pool>` and `spotinit:slot = <slot>`.
+    pub from_pool: bool,
 }
 
 /// Where the spot lifecycle is reported (a Slack-compatible HTTPS webhook).

@@ -345,6 +345,51 @@ async fn the_elastic_ip_follows_the_instance_from_its_dead_predecessor() {
     assert!(!lifecycle::associate_address(&*w.ec2, &alloc, &identity(&a)).await);
 }
 
+/// `address.from_pool`: the Elastic IP tagged with the pool and this host's slot is the one
+/// associated; none, or two, for the slot: said, and nothing associated.
+#[tokio::test]
+async fn each_slot_of_a_pool_gets_the_elastic_ip_tagged_for_it() {
+    let w = world("i-0dddddddddddddddd").await;
+    let moto = w.fidelity.client();
+    let allocate = |tags: Vec<(&'static str, &'static str)>| {
+        let moto = moto.clone();
+        async move {
+            let mut params = spotworld::query::Params::from_pairs([("Domain", "vpc")]);
+            params.push_tag_specification("elastic-ip", &tags);
+            let xml = moto.call_with("AllocateAddress", params).await.unwrap();
+            spotworld::moto::root_text(&xml, "allocationId").unwrap()
+        }
+    };
+    let slot = |n| spotinit::volume::Slot {
+        pool: "runners".into(),
+        number: n,
+    };
+    let _one = allocate(vec![("spotinit:pool", "runners"), ("spotinit:slot", "1")]).await;
+    let two = allocate(vec![("spotinit:pool", "runners"), ("spotinit:slot", "2")]).await;
+    let _other_pool = allocate(vec![("spotinit:pool", "other"), ("spotinit:slot", "2")]).await;
+    let a = moto.run_instance("us-east-1a").await.unwrap();
+    assert!(lifecycle::associate_slot_address(&*w.ec2, &slot(2), &identity(&a)).await);
+    let xml = moto
+        .call("DescribeAddresses", &[("AllocationId.1", &two)])
+        .await
+        .unwrap();
+    assert!(
+        xml.contains(&format!("<instanceId>{a}</instanceId>")),
+        "{xml}"
+    );
+    // No Elastic IP for slot 3; two for slot 1.
+    assert!(!lifecycle::associate_slot_address(&*w.ec2, &slot(3), &identity(&a)).await);
+    allocate(vec![("spotinit:pool", "runners"), ("spotinit:slot", "1")]).await;
+    assert!(!lifecycle::associate_slot_address(&*w.ec2, &slot(1), &identity(&a)).await);
+    let associations = w
+        .fidelity
+        .requests()
+        .into_iter()
+        .filter(|r| r.action == "AssociateAddress")
+        .count();
+    assert_eq!(associations, 1);
+}
+
 #[tokio::test]
 async fn imds_falls_back_to_the_second_endpoint_and_keeps_it() {
     use spotinit::cloud::Metadata;
