@@ -117,6 +117,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         match attached {
             Ok(a) => {
                 self.needs_full_check |= a.forced;
+                self.attached_by_claim = true;
                 self.slot = Some(Slot::of(pool, m));
                 crate::log!(
                     "volume: pool {pool}: took slot {} ({id} in {})",

@@ -45,6 +45,8 @@ pub struct EbsVolume<E: Ec2, S: System> {
     /// Brought to the configured size and type (or left as it is, with a warning).
     modified: bool,
     attach_requested: bool,
+    /// The pool's claim attached the volume in this try: the attach step has nothing to do.
+    attached_by_claim: bool,
     /// Read again after attaching: still the state's current home, no live move claim.
     confirmed: bool,
     needs_full_check: bool,
@@ -87,6 +89,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             slot: None,
             modified: false,
             attach_requested: false,
+            attached_by_claim: false,
             confirmed: false,
             needs_full_check: false,
             device: None,

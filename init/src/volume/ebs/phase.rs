@@ -47,11 +47,13 @@ impl<E: Ec2, S: System> VolumePhase for EbsVolume<E, S> {
                 s.volume.id
             }
         };
-        self.bring_to_config(&volume_id).await?;
-        // From here on a release must detach, even if the call below is interrupted.
-        self.attach_requested = true;
-        let a = attach::attach_exclusive(&*self.ec2, &volume_id, &self.cfg, &self.me).await?;
-        self.needs_full_check |= a.forced;
+        if !std::mem::take(&mut self.attached_by_claim) {
+            self.bring_to_config(&volume_id).await?;
+            // From here on a release must detach, even if the call below is interrupted.
+            self.attach_requested = true;
+            let a = attach::attach_exclusive(&*self.ec2, &volume_id, &self.cfg, &self.me).await?;
+            self.needs_full_check |= a.forced;
+        }
         if !self.confirmed {
             match select::confirm_current(&*self.ec2, &volume_id, &self.me).await {
                 Ok(info) => {
