@@ -109,9 +109,11 @@ pub enum Holding {
     Free,
     /// Attached to this instance already (an earlier try of this boot).
     Mine,
-    /// Held by an instance that is gone or going: EC2 releases it (the attach waits for that).
+    /// Held by an instance that is terminated or terminating: EC2 releases it (the attach
+    /// waits for that).
     Dead(String),
-    /// Held by a live instance (or being moved by one): that instance's.
+    /// Held by an instance that is running, starting or stopped (or being moved by a live
+    /// one): that instance's.
     Live(String),
 }
 
@@ -212,10 +214,13 @@ pub async fn read<E: Ec2>(
                     let s = i.map_or(InstanceState::Terminated, |i| i.state);
                     states.insert(a.instance_id.clone(), s);
                 }
-                if states[&a.instance_id].is_live() {
-                    Holding::Live(a.instance_id.clone())
-                } else {
-                    Holding::Dead(a.instance_id.clone())
+                // A stopped instance keeps its volumes attached and takes them back when
+                // started: its volume is as much its own as a running instance's.
+                match states[&a.instance_id] {
+                    InstanceState::ShuttingDown | InstanceState::Terminated => {
+                        Holding::Dead(a.instance_id.clone())
+                    }
+                    _ => Holding::Live(a.instance_id.clone()),
                 }
             }
         };
