@@ -117,6 +117,16 @@ pub enum Holding {
     Live(String),
 }
 
+/// Whose a volume attached to `instance` in `state` is. A stopped instance keeps its volumes
+/// attached and takes them back when started: its volume is as much its own as a running
+/// one's. Only a terminated (or terminating) instance's is released by EC2, to be waited out.
+pub fn held_by(instance: &str, state: &InstanceState) -> Holding {
+    match state {
+        InstanceState::ShuttingDown | InstanceState::Terminated => Holding::Dead(instance.into()),
+        _ => Holding::Live(instance.into()),
+    }
+}
+
 /// What this instance may do, in order: take one of `here` (its own, free, then held by the
 /// dead), else create `new_slot`, else follow one of `elsewhere` into its zone.
 #[derive(Clone, Debug, Default)]
@@ -214,14 +224,7 @@ pub async fn read<E: Ec2>(
                     let s = i.map_or(InstanceState::Terminated, |i| i.state);
                     states.insert(a.instance_id.clone(), s);
                 }
-                // A stopped instance keeps its volumes attached and takes them back when
-                // started: its volume is as much its own as a running instance's.
-                match states[&a.instance_id] {
-                    InstanceState::ShuttingDown | InstanceState::Terminated => {
-                        Holding::Dead(a.instance_id.clone())
-                    }
-                    _ => Holding::Live(a.instance_id.clone()),
-                }
+                held_by(&a.instance_id, &states[&a.instance_id])
             }
         };
         holding.insert(v.id.clone(), h);

@@ -139,3 +139,18 @@ fn of_racing_new_volumes_the_oldest_keeps_the_slot_and_the_pool_stays_within_its
     let over = kept_after_creation(&view, &late, 4, 3).unwrap_err();
     assert!(over.contains("volume.pool_max = 3"), "{over}");
 }
+
+#[test]
+fn only_a_terminated_holder_is_waited_out_a_stopped_one_keeps_its_volume() {
+    for (state, dead) in [
+        ("shutting-down", true),
+        ("terminated", true),
+        ("stopping", false),
+        ("stopped", false),
+        ("running", false),
+        ("pending", false),
+    ] {
+        let h = held_by("i-1", &InstanceState::from(state));
+        assert_eq!(matches!(h, Holding::Dead(_)), dead, "{state}: {h:?}");
+    }
+}
