@@ -19,26 +19,29 @@ fn pcfg(pool_max: u32) -> config::Volume {
     }
 }
 
-/// `n` existing volumes of the pool in `zone`, slots 1..=n.
-async fn pool_of(w: &World, zone: &str, n: u32) -> Vec<String> {
+/// Existing volumes of the pool in `zone`, with these slots.
+async fn pool_of(w: &World, zone: &str, slots: &[u32]) -> Vec<String> {
     let api = w.fidelity.client();
     let mut ids = Vec::new();
-    for slot in 1..=n {
+    for slot in slots {
         let slot = slot.to_string();
-        ids.push(
-            create_tagged(
-                &api,
-                zone,
-                &[
-                    ("Name", "spotinit-state"),
-                    ("spotinit:pool", POOL),
-                    ("spotinit:slot", &slot),
-                ],
-            )
-            .await,
-        );
+        let tags = [
+            ("Name", "spotinit-state"),
+            ("spotinit:pool", POOL),
+            ("spotinit:slot", slot.as_str()),
+        ];
+        ids.push(create_tagged(&api, zone, &tags).await);
     }
     ids
+}
+
+/// `n` instances of a group, each with a pool of at most `pool_max`, in us-east-1a.
+async fn group_of(w: &World, n: usize, pool_max: u32) -> Vec<Instance> {
+    let mut group = Vec::new();
+    for _ in 0..n {
+        group.push(w.instance("us-east-1a", pcfg(pool_max), "overlay2").await);
+    }
+    group
 }
 
 fn created(w: &World) -> usize {
@@ -77,11 +80,8 @@ fn slot_of(m: &Mounted) -> u32 {
 async fn instances_booting_together_take_different_volumes_then_a_replacement_takes_the_freed_slot()
 {
     let w = World::start(fast()).await;
-    let pool = pool_of(&w, "us-east-1a", 3).await;
-    let mut group = Vec::new();
-    for _ in 0..3 {
-        group.push(w.instance("us-east-1a", pcfg(3), "overlay2").await);
-    }
+    let pool = pool_of(&w, "us-east-1a", &[1, 2, 3]).await;
+    let mut group = group_of(&w, 3, 3).await;
     let got: Vec<Mounted> = acquire_all(&mut group)
         .await
         .into_iter()
@@ -122,23 +122,8 @@ async fn instances_booting_together_take_different_volumes_then_a_replacement_ta
 async fn a_new_volume_takes_the_lowest_free_slot_and_beyond_the_maximum_the_boot_fails_closed() {
     let w = World::start(fast()).await;
     // Slots 1 and 3 exist: the new one is 2.
-    let api = w.fidelity.client();
-    for slot in ["1", "3"] {
-        create_tagged(
-            &api,
-            "us-east-1a",
-            &[
-                ("Name", "spotinit-state"),
-                ("spotinit:pool", POOL),
-                ("spotinit:slot", slot),
-            ],
-        )
-        .await;
-    }
-    let mut group = Vec::new();
-    for _ in 0..3 {
-        group.push(w.instance("us-east-1a", pcfg(3), "overlay2").await);
-    }
+    pool_of(&w, "us-east-1a", &[1, 3]).await;
+    let mut group = group_of(&w, 3, 3).await;
     let got: Vec<Mounted> = acquire_all(&mut group)
         .await
         .into_iter()
@@ -184,10 +169,7 @@ async fn a_new_volume_takes_the_lowest_free_slot_and_beyond_the_maximum_the_boot
 async fn racing_creators_keep_one_volume_per_slot() {
     for pool_max in [2, 1] {
         let w = World::start(fast()).await;
-        let mut two = vec![
-            w.instance("us-east-1a", pcfg(pool_max), "overlay2").await,
-            w.instance("us-east-1a", pcfg(pool_max), "overlay2").await,
-        ];
+        let mut two = group_of(&w, 2, pool_max).await;
         let got = acquire_all(&mut two).await;
         let won: Vec<&Mounted> = got.iter().filter_map(|r| r.as_ref().ok()).collect();
         let slots: BTreeSet<u32> = won.iter().map(|m| slot_of(m)).collect();
