@@ -176,6 +176,33 @@ pub fn plan(
     plan
 }
 
+/// How long a holder's state, once read, is taken as still true. An instance waiting for a
+/// full pool reads the volumes every few seconds; reading every holder's state as often would
+/// cost one DescribeInstances per instance of the group each time. A holder that lets go is
+/// seen at once all the same (its attachment is gone from the volumes).
+pub const HOLDER_STATE_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The states of the instances holding the pool's volumes, as last read.
+#[derive(Default)]
+pub struct HolderStates(BTreeMap<String, (InstanceState, tokio::time::Instant)>);
+
+impl HolderStates {
+    async fn of<E: Ec2>(&mut self, ec2: &E, instance: &str) -> Result<InstanceState, VolumeError> {
+        if let Some((s, at)) = self.0.get(instance) {
+            if at.elapsed() < HOLDER_STATE_FRESH {
+                return Ok(s.clone());
+            }
+        }
+        let i = api("DescribeInstances", || ec2.describe_instance(instance))
+            .await
+            .map_err(select_err)?;
+        let s = i.map_or(InstanceState::Terminated, |i| i.state);
+        self.0
+            .insert(instance.into(), (s.clone(), tokio::time::Instant::now()));
+        Ok(s)
+    }
+}
+
 /// Reads the pool: its states (moves resolved, superseded volumes and orphan copies passed
 /// over) sorted out by slot, and who holds each.
 pub async fn read<E: Ec2>(
@@ -183,6 +210,7 @@ pub async fn read<E: Ec2>(
     cfg: &config::Volume,
     pool: &str,
     me: &Identity,
+    holders: &mut HolderStates,
 ) -> Result<(View, BTreeMap<String, Holding>), VolumeError> {
     let wanted = filter(cfg, pool);
     let found = api("DescribeVolumes", || ec2.find_volumes(&wanted))
@@ -199,7 +227,6 @@ pub async fn read<E: Ec2>(
     // A state being moved by a live instance is that instance's; it still counts.
     view.count += moving.len();
     let mut holding = BTreeMap::new();
-    let mut states: BTreeMap<String, InstanceState> = BTreeMap::new();
     for m in &view.members {
         let v = &m.volume;
         let claimant = match MoveClaim::of(v).filter(|c| c.instance != me.instance_id) {
@@ -214,18 +241,7 @@ pub async fn read<E: Ec2>(
             (Some(mover), _) => Holding::Live(mover),
             (None, None) => Holding::Free,
             (None, Some(a)) if a.instance_id == me.instance_id => Holding::Mine,
-            (None, Some(a)) => {
-                if !states.contains_key(&a.instance_id) {
-                    let i = api("DescribeInstances", || {
-                        ec2.describe_instance(&a.instance_id)
-                    })
-                    .await
-                    .map_err(select_err)?;
-                    let s = i.map_or(InstanceState::Terminated, |i| i.state);
-                    states.insert(a.instance_id.clone(), s);
-                }
-                held_by(&a.instance_id, &states[&a.instance_id])
-            }
+            (None, Some(a)) => held_by(&a.instance_id, &holders.of(ec2, &a.instance_id).await?),
         };
         holding.insert(v.id.clone(), h);
     }

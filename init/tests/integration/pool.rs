@@ -8,6 +8,7 @@ use crate::instance::Instance;
 use spotinit::config;
 use spotinit::volume::{Mounted, VolumeError, VolumePhase};
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 const POOL: &str = "runners";
 
@@ -208,4 +209,110 @@ async fn racing_creators_keep_one_volume_per_slot() {
         println!("pool_max {pool_max}: {creates} created, {deletes} deleted");
         assert_eq!(creates - deletes, left.len());
     }
+}
+
+/// Capacity rebalancing with a pool: the replacement boots while every volume is held by a live
+/// instance. It waits (reading the pool every 2 s, each holder's state at most every 10 s, so a
+/// large group is not asked about at every look) and takes the volume the old instance lets go
+/// of, within seconds of its release.
+#[tokio::test]
+async fn a_replacement_waits_for_a_full_pool_and_takes_the_released_slot() {
+    let w = World::start(fast()).await;
+    pool_of(&w, "us-east-1a", &[1, 2]).await;
+    let mut group = group_of(&w, 2, 2).await;
+    let got: Vec<Mounted> = acquire_all(&mut group)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let waiting_cfg = config::Volume {
+        live_holder_wait_secs: 60,
+        ..pcfg(2)
+    };
+    let replacement = w.instance("us-east-1a", waiting_cfg, "overlay2").await;
+    let replacement_id = replacement.id.clone();
+    let describe_instances = |w: &World| {
+        w.fidelity
+            .requests()
+            .iter()
+            .filter(|r| r.action == "DescribeInstances")
+            .count()
+    };
+    let before = describe_instances(&w);
+    let mut volume = replacement.volume;
+    let waiting = tokio::spawn(async move { volume.acquire().await.map(|m| (m, volume)) });
+    // Long enough for several looks at the pool (every 2 s).
+    let looked = |w: &World| {
+        w.fidelity
+            .requests()
+            .iter()
+            .filter(|r| r.action == "DescribeVolumes")
+            .count()
+    };
+    let looks_before = looked(&w);
+    assert!(
+        crate::common::wait_until(Duration::from_secs(30), || looked(&w) >= looks_before + 4).await,
+        "the replacement does not look at the pool again"
+    );
+    assert!(!waiting.is_finished(), "it waits while both holders live");
+    let asked = describe_instances(&w) - before;
+    assert!(
+        asked <= 2,
+        "{asked} DescribeInstances for two holders within 10 s: their states are read once"
+    );
+    // The instance in slot 1 is being replaced: it drains and lets go.
+    let (old, old_m) = group
+        .iter_mut()
+        .zip(&got)
+        .find(|(_, m)| slot_of(m) == 1)
+        .unwrap();
+    old.volume.release().await.unwrap();
+    let (m, mut volume) = waiting
+        .await
+        .unwrap()
+        .expect("the replacement takes slot 1");
+    assert_eq!(m.volume_id, old_m.volume_id);
+    assert_eq!(slot_of(&m), 1);
+    let history = w.fidelity.attachment_history();
+    let released = history
+        .iter()
+        .find(|x| x.instance == old.id)
+        .and_then(|x| x.until)
+        .expect("the old instance's attachment ended");
+    let taken = history
+        .iter()
+        .find(|x| x.instance == replacement_id)
+        .expect("the replacement attached")
+        .from;
+    let gap = taken.saturating_duration_since(released);
+    println!("the replacement attached {gap:?} after the release");
+    assert!(gap < Duration::from_secs(5), "noticed {gap:?} late");
+    volume.release().await.unwrap();
+}
+
+/// None free in this zone and the pool full: a free volume of another zone is followed here
+/// through a snapshot, and its copy keeps the pool and the slot (it is that state). An instance
+/// in the old zone then finds the pool's one state held, not the superseded volume.
+#[tokio::test]
+async fn a_free_volume_of_another_zone_is_followed_and_its_copy_keeps_the_slot() {
+    let w = World::start(fast()).await;
+    let old = pool_of(&w, "us-east-1b", &[1]).await.remove(0);
+    let mut here = w.instance("us-east-1a", pcfg(1), "overlay2").await;
+    let m = here.volume.acquire().await.unwrap();
+    assert_ne!(m.volume_id, old);
+    assert_eq!(slot_of(&m), 1);
+    let copy = w.moto.client().describe_volume(&m.volume_id).await.unwrap();
+    assert_eq!(copy.zone, "us-east-1a");
+    assert_eq!(tag(&copy, "spotinit:pool"), Some(POOL));
+    assert_eq!(tag(&copy, "spotinit:slot"), Some("1"));
+    assert_eq!(tag(&copy, "spotinit:moved-from"), Some(old.as_str()));
+    let o = w.moto.client().describe_volume(&old).await.unwrap();
+    assert_eq!(
+        tag(&o, "spotinit:superseded-by"),
+        Some(m.volume_id.as_str())
+    );
+    let mut there = w.instance("us-east-1b", pcfg(1), "overlay2").await;
+    let e = there.volume.acquire().await.unwrap_err();
+    assert!(matches!(e, VolumeError::PoolFull { .. }), "{e}");
+    assert!(e.to_string().contains(&m.volume_id), "{e}");
 }

@@ -10,7 +10,7 @@ use crate::cloud::{tags, Ec2};
 use crate::console::human;
 use crate::sys::System;
 use crate::volume::attach::{self, api};
-use crate::volume::pool::{self, Member, View};
+use crate::volume::pool::{self, HolderStates, Member, View};
 use crate::volume::select::{self, SETTLE};
 use crate::volume::zone_move::move_here;
 use crate::volume::{Slot, Step, VolumeError};
@@ -31,8 +31,10 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         let mut said_waiting = false;
         let mut said: BTreeSet<String> = BTreeSet::new();
         let mut creations = 0;
+        let mut holders = HolderStates::default();
         loop {
-            let (view, holding) = pool::read(&*self.ec2, &self.cfg, pool, &self.me).await?;
+            let (view, holding) =
+                pool::read(&*self.ec2, &self.cfg, pool, &self.me, &mut holders).await?;
             for (id, why) in &view.passed_over {
                 if said.insert(id.clone()) {
                     crate::log!("volume: pool {pool}: passing over {id}: {why}");
@@ -162,7 +164,8 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
             .volume;
         // Racing creators decide alike which new volume stays, once EC2 shows them all.
         tokio::time::sleep(SETTLE).await;
-        let (after, _) = pool::read(&*self.ec2, &self.cfg, pool, &self.me).await?;
+        let mut holders = HolderStates::default();
+        let (after, _) = pool::read(&*self.ec2, &self.cfg, pool, &self.me, &mut holders).await?;
         if let Err(why) = pool::kept_after_creation(&after, &new, slot, self.cfg.pool_max) {
             crate::log!(
                 "volume: pool {pool}: deleting {}, which this instance has just created and never used: {why}",
