@@ -239,6 +239,7 @@ async fn a_replacement_waits_for_a_full_pool_and_takes_the_released_slot() {
             .count()
     };
     let before = describe_instances(&w);
+    let since = std::time::Instant::now();
     let mut volume = replacement.volume;
     let waiting = tokio::spawn(async move { volume.acquire().await.map(|m| (m, volume)) });
     // Long enough for several looks at the pool (every 2 s).
@@ -256,9 +257,13 @@ async fn a_replacement_waits_for_a_full_pool_and_takes_the_released_slot() {
     );
     assert!(!waiting.is_finished(), "it waits while both holders live");
     let asked = describe_instances(&w) - before;
+    // Each holder's state once per 10 s (a slow machine may take longer for those looks);
+    // reading it at every look would ask twice per look.
+    let allowed = 2 * (1 + since.elapsed().as_secs() as usize / 10);
     assert!(
-        asked <= 2,
-        "{asked} DescribeInstances for two holders within 10 s: their states are read once"
+        asked <= allowed,
+        "{asked} DescribeInstances for two holders in {:?}: at most {allowed}",
+        since.elapsed()
     );
     // The instance in slot 1 is being replaced: it drains and lets go.
     let (old, old_m) = group
