@@ -93,9 +93,10 @@ pub async fn refuse_live_holder<E: Ec2>(
 }
 
 /// How often the volume is read while another instance holds it: a handover is noticed within
-/// this of the release. The holder's own state changes less often and is read less often.
+/// this of the release (its attachment is gone from the volume). The holder's own state changes
+/// less often and is read less often (a pool reads its holders' states as seldom).
 const HOLDER_POLL: Duration = Duration::from_secs(1);
-const HOLDER_STATE_EVERY: Duration = Duration::from_secs(10);
+pub(super) const HOLDER_STATE_EVERY: Duration = Duration::from_secs(10);
 /// How often a long wait says so on the console.
 const WAIT_LINE_EVERY: Duration = Duration::from_secs(30);
 

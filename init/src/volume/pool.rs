@@ -8,7 +8,8 @@
 //! it: a replacement that takes the volume of a killed instance is that instance again.
 
 use super::attach::api;
-use super::lineage::{is_live, select_err, MoveClaim};
+use super::attach::HOLDER_STATE_EVERY;
+use super::lineage::{select_err, MoveClaim};
 use super::select::current;
 use super::{Slot, VolumeError};
 use crate::cloud::tags;
@@ -176,20 +177,17 @@ pub fn plan(
     plan
 }
 
-/// How long a holder's state, once read, is taken as still true. An instance waiting for a
-/// full pool reads the volumes every few seconds; reading every holder's state as often would
-/// cost one DescribeInstances per instance of the group each time. A holder that lets go is
-/// seen at once all the same (its attachment is gone from the volumes).
-pub const HOLDER_STATE_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The states of the instances holding the pool's volumes, as last read.
+/// The states of the instances holding the pool's volumes (or moving them), as last read, each
+/// taken as still true for [`HOLDER_STATE_EVERY`]: an instance waiting for a full pool reads the
+/// volumes every few seconds, and reading every holder's state as often would cost one
+/// DescribeInstances per instance of the group each time.
 #[derive(Default)]
 pub struct HolderStates(BTreeMap<String, (InstanceState, tokio::time::Instant)>);
 
 impl HolderStates {
     async fn of<E: Ec2>(&mut self, ec2: &E, instance: &str) -> Result<InstanceState, VolumeError> {
         if let Some((s, at)) = self.0.get(instance) {
-            if at.elapsed() < HOLDER_STATE_FRESH {
+            if at.elapsed() < HOLDER_STATE_EVERY {
                 return Ok(s.clone());
             }
         }
@@ -230,7 +228,7 @@ pub async fn read<E: Ec2>(
     for m in &view.members {
         let v = &m.volume;
         let claimant = match MoveClaim::of(v).filter(|c| c.instance != me.instance_id) {
-            Some(c) if is_live(ec2, &c.instance).await? => Some(c.instance),
+            Some(c) if holders.of(ec2, &c.instance).await?.is_live() => Some(c.instance),
             _ => None,
         };
         let attached = v
