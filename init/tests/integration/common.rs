@@ -315,6 +315,32 @@ impl World {
         }
     }
 
+    /// How many `action` requests reached the fidelity layer so far (answered or refused).
+    pub fn calls(&self, action: &str) -> usize {
+        self.fidelity
+            .requests()
+            .iter()
+            .filter(|r| r.action == action)
+            .count()
+    }
+
+    /// From the end of `old`'s attachment to the start of `new`'s, as EC2 saw them: how late a
+    /// waiting instance noticed a release.
+    pub fn handover_gap(&self, old: &str, new: &str) -> Duration {
+        let history = self.fidelity.attachment_history();
+        let released = history
+            .iter()
+            .find(|x| x.instance == old)
+            .and_then(|x| x.until)
+            .expect("the old instance's attachment ended");
+        let taken = history
+            .iter()
+            .find(|x| x.instance == new)
+            .expect("the new instance attached")
+            .from;
+        taken.saturating_duration_since(released)
+    }
+
     /// The volumes that are not instance root volumes (moto gives every instance one).
     pub async fn volumes(&self) -> Vec<spotworld::moto::Volume> {
         let mut v = self.moto.client().describe_volumes_all().await.unwrap();

@@ -45,12 +45,28 @@ async fn group_of(w: &World, n: usize, pool_max: u32) -> Vec<Instance> {
     group
 }
 
-fn created(w: &World) -> usize {
+/// How many `action` requests EC2 carried out.
+fn succeeded(w: &World, action: &str) -> usize {
     w.fidelity
         .requests()
         .iter()
-        .filter(|r| r.action == "CreateVolume" && r.status == 200)
+        .filter(|r| r.action == action && r.status == 200)
         .count()
+}
+
+fn created(w: &World) -> usize {
+    succeeded(w, "CreateVolume")
+}
+
+/// `n` instances of a group booting together, each of which must get a volume of the pool.
+async fn ready_group(w: &World, n: usize, pool_max: u32) -> (Vec<Instance>, Vec<Mounted>) {
+    let mut group = group_of(w, n, pool_max).await;
+    let got = acquire_all(&mut group)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    (group, got)
 }
 
 /// The instances' volume phases at once (a group booting together), each on its own task.
@@ -82,12 +98,7 @@ async fn instances_booting_together_take_different_volumes_then_a_replacement_ta
 {
     let w = World::start(fast()).await;
     let pool = pool_of(&w, "us-east-1a", &[1, 2, 3]).await;
-    let mut group = group_of(&w, 3, 3).await;
-    let got: Vec<Mounted> = acquire_all(&mut group)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let (group, got) = ready_group(&w, 3, 3).await;
     let volumes: BTreeSet<&str> = got.iter().map(|m| m.volume_id.as_str()).collect();
     let slots: BTreeSet<u32> = got.iter().map(slot_of).collect();
     assert_eq!(volumes, pool.iter().map(String::as_str).collect());
@@ -124,12 +135,7 @@ async fn a_new_volume_takes_the_lowest_free_slot_and_beyond_the_maximum_the_boot
     let w = World::start(fast()).await;
     // Slots 1 and 3 exist: the new one is 2.
     pool_of(&w, "us-east-1a", &[1, 3]).await;
-    let mut group = group_of(&w, 3, 3).await;
-    let got: Vec<Mounted> = acquire_all(&mut group)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let (group, got) = ready_group(&w, 3, 3).await;
     let slots: BTreeSet<u32> = got.iter().map(slot_of).collect();
     assert_eq!(slots, BTreeSet::from([1, 2, 3]));
     let new = got.iter().find(|m| slot_of(m) == 2).unwrap();
@@ -200,12 +206,7 @@ async fn racing_creators_keep_one_volume_per_slot() {
         slot_tags.dedup();
         assert_eq!(slot_tags.len(), left.len(), "one volume per slot: {left:?}");
         let creates = created(&w);
-        let deletes = w
-            .fidelity
-            .requests()
-            .iter()
-            .filter(|r| r.action == "DeleteVolume" && r.status == 200)
-            .count();
+        let deletes = succeeded(&w, "DeleteVolume");
         println!("pool_max {pool_max}: {creates} created, {deletes} deleted");
         assert_eq!(creates - deletes, left.len());
     }
@@ -219,44 +220,27 @@ async fn racing_creators_keep_one_volume_per_slot() {
 async fn a_replacement_waits_for_a_full_pool_and_takes_the_released_slot() {
     let w = World::start(fast()).await;
     pool_of(&w, "us-east-1a", &[1, 2]).await;
-    let mut group = group_of(&w, 2, 2).await;
-    let got: Vec<Mounted> = acquire_all(&mut group)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let (mut group, got) = ready_group(&w, 2, 2).await;
     let waiting_cfg = config::Volume {
         live_holder_wait_secs: 60,
         ..pcfg(2)
     };
     let replacement = w.instance("us-east-1a", waiting_cfg, "overlay2").await;
     let replacement_id = replacement.id.clone();
-    let describe_instances = |w: &World| {
-        w.fidelity
-            .requests()
-            .iter()
-            .filter(|r| r.action == "DescribeInstances")
-            .count()
-    };
-    let before = describe_instances(&w);
+    let before = w.calls("DescribeInstances");
     let since = std::time::Instant::now();
     let mut volume = replacement.volume;
     let waiting = tokio::spawn(async move { volume.acquire().await.map(|m| (m, volume)) });
     // Long enough for several looks at the pool (every 2 s).
-    let looked = |w: &World| {
-        w.fidelity
-            .requests()
-            .iter()
-            .filter(|r| r.action == "DescribeVolumes")
-            .count()
-    };
-    let looks_before = looked(&w);
+    let looks_before = w.calls("DescribeVolumes");
     assert!(
-        crate::common::wait_until(Duration::from_secs(30), || looked(&w) >= looks_before + 4).await,
+        crate::common::wait_until(Duration::from_secs(30), || w.calls("DescribeVolumes")
+            >= looks_before + 4)
+        .await,
         "the replacement does not look at the pool again"
     );
     assert!(!waiting.is_finished(), "it waits while both holders live");
-    let asked = describe_instances(&w) - before;
+    let asked = w.calls("DescribeInstances") - before;
     // Each holder's state once per 10 s (a slow machine may take longer for those looks);
     // reading it at every look would ask twice per look.
     let allowed = 2 * (1 + since.elapsed().as_secs() as usize / 10);
@@ -278,18 +262,7 @@ async fn a_replacement_waits_for_a_full_pool_and_takes_the_released_slot() {
         .expect("the replacement takes slot 1");
     assert_eq!(m.volume_id, old_m.volume_id);
     assert_eq!(slot_of(&m), 1);
-    let history = w.fidelity.attachment_history();
-    let released = history
-        .iter()
-        .find(|x| x.instance == old.id)
-        .and_then(|x| x.until)
-        .expect("the old instance's attachment ended");
-    let taken = history
-        .iter()
-        .find(|x| x.instance == replacement_id)
-        .expect("the replacement attached")
-        .from;
-    let gap = taken.saturating_duration_since(released);
+    let gap = w.handover_gap(&old.id, &replacement_id);
     println!("the replacement attached {gap:?} after the release");
     assert!(gap < Duration::from_secs(5), "noticed {gap:?} late");
     volume.release().await.unwrap();

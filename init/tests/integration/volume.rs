@@ -257,34 +257,16 @@ async fn a_live_holder_is_waited_for_and_its_release_taken_over_at_once() {
     let mut b_volume = b.volume;
     let waiting = tokio::spawn(async move { b_volume.acquire().await.map(|_| b_volume) });
     // B polls the volume while A holds it; A then drains (the old instance's termination).
-    let describes = |w: &World| {
-        w.fidelity
-            .requests()
-            .iter()
-            .filter(|r| r.action == "DescribeVolumes")
-            .count()
-    };
-    let before = describes(&w);
+    let before = w.calls("DescribeVolumes");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while describes(&w) < before + 3 {
+    while w.calls("DescribeVolumes") < before + 3 {
         assert!(std::time::Instant::now() < deadline, "B does not poll");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!waiting.is_finished(), "B waits while A lives");
     a.volume.release().await.unwrap();
     let mut b_volume = waiting.await.unwrap().expect("B takes the volume");
-    let history = w.fidelity.attachment_history();
-    let a_until = history
-        .iter()
-        .find(|x| x.instance == a.id)
-        .and_then(|x| x.until)
-        .expect("A's attachment ended");
-    let b_from = history
-        .iter()
-        .find(|x| x.instance == b_id)
-        .expect("B attached")
-        .from;
-    let gap = b_from.saturating_duration_since(a_until);
+    let gap = w.handover_gap(&a.id, &b_id);
     println!("B's AttachVolume reached EC2 {gap:?} after A's detach completed");
     assert!(
         gap < Duration::from_secs(5),

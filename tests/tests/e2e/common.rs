@@ -56,6 +56,17 @@ pub async fn ready_or_failed(i: &SimInstance) -> ConsoleLine {
     }
 }
 
+/// A loser that failed closed: after "Docker was not started" it says it powers off and does,
+/// and neither containerd nor dockerd ever started.
+pub async fn powered_off_without_docker(i: &SimInstance) {
+    let mut c = i.console();
+    expect(&mut c, "Docker was not started", STEP).await;
+    expect(&mut c, "powering off", STEP).await;
+    assert!(i.wait_poweroff(STEP).await.unwrap(), "{}", i.diagnostics());
+    never(i, "phase containerd");
+    never(i, "phase dockerd");
+}
+
 /// Panics if any console line so far contains `needle`.
 pub fn never(i: &SimInstance, needle: &str) {
     let c = i.console();

@@ -18,7 +18,9 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use crate::common::{expect, never, ready_or_failed, report, BOOT, STEP};
+use crate::common::{
+    expect, never, powered_off_without_docker, ready_or_failed, report, BOOT, STEP,
+};
 use spotworld::world::{
     one_volume_each, slot_of, InstanceSpec, LostRace, SimInstance, TookSlot, UserData, World,
     WorldSettings, BOOT_FAILED_MARKER, POOL_TAG, READY_MARKER, SLOT_TAG,
@@ -293,14 +295,7 @@ async fn a_pool_gives_each_instance_its_own_volume_grows_to_its_maximum_then_fai
         failure.contains("volume.pool_max"),
         "the failure must name volume.pool_max: {failure}"
     );
-    expect(&mut c, "powering off", STEP).await;
-    assert!(
-        loser.wait_poweroff(STEP).await.unwrap(),
-        "{}",
-        loser.diagnostics()
-    );
-    never(loser, "phase containerd");
-    never(loser, "phase dockerd");
+    powered_off_without_docker(loser).await;
     never(loser, &TookSlot::marker(POOL));
     never(loser, CREATING);
     for r in races_lost(loser) {

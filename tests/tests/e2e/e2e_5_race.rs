@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use crate::common::{never, ready_or_failed, report, STEP};
+use crate::common::{never, powered_off_without_docker, ready_or_failed, report};
 use spotworld::world::{InstanceSpec, UserData, World, WorldSettings, READY_MARKER};
 
 #[tokio::test]
@@ -77,16 +77,7 @@ async fn two_instances_race_for_one_volume_and_exactly_one_gets_it() {
         retries >= 2,
         "the loser should retry while the holder lives"
     );
-    let mut c = loser.console();
-    c.wait_for("Docker was not started", STEP).await.unwrap();
-    c.wait_for("powering off", STEP).await.unwrap();
-    assert!(
-        loser.wait_poweroff(STEP).await.unwrap(),
-        "{}",
-        loser.diagnostics()
-    );
-    never(loser, "phase containerd");
-    never(loser, "phase dockerd");
+    powered_off_without_docker(loser).await;
     never(loser, "/var/lib/docker and /var/lib/containerd are on it");
 
     // The winner has it, formatted by it, and keeps it after the loser's drain.
