@@ -5,6 +5,7 @@
 //! most the time it can spare, so its last event gets out before the power goes.
 
 use crate::config::Notify;
+use crate::retry::{Attempt, Retry};
 use serde::Serialize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -160,24 +161,22 @@ async fn deliver(
     let mut failing = false;
     while let Some(note) = rx.recv().await {
         let body = serde_json::to_string(&note).unwrap_or_default();
-        let mut outcome = Err(String::new());
-        for attempt in 0..3u32 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
-            }
-            outcome = match tokio::time::timeout(per_try, transport::post(&endpoint, &tls, &body))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(format!(
-                    "no answer within {}",
-                    crate::console::human(per_try)
-                )),
-            };
-            if outcome.is_ok() {
-                break;
-            }
-        }
+        // Three attempts, a bounded time each, one and two seconds apart.
+        let outcome = Retry::new("notify")
+            .every(Duration::from_secs(1))
+            .for_at_most(per_try * 3 + Duration::from_secs(3))
+            .at_most_attempts(3)
+            .quiet()
+            .run(|_| async {
+                match tokio::time::timeout(per_try, transport::post(&endpoint, &tls, &body)).await {
+                    Ok(r) => r.map_err(Attempt::Retry),
+                    Err(_) => Err(Attempt::Retry(format!(
+                        "no answer within {}",
+                        crate::console::human(per_try)
+                    ))),
+                }
+            })
+            .await;
         match outcome {
             Ok(()) if failing => {
                 crate::log!("notify: the webhook answers again");

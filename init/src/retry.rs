@@ -18,6 +18,8 @@ pub struct Retry {
     first_delay: Duration,
     max_delay: Duration,
     deadline: Duration,
+    /// At most this many attempts, whatever time is left.
+    max_attempts: Option<u32>,
     jitter: bool,
     quiet: bool,
     /// Says a retry in the caller's words instead of the default line.
@@ -58,6 +60,7 @@ impl Retry {
             first_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(10),
             deadline: Duration::from_secs(60),
+            max_attempts: None,
             jitter: false,
             quiet: false,
             announce: None,
@@ -74,6 +77,11 @@ impl Retry {
     }
     pub fn for_at_most(mut self, d: Duration) -> Self {
         self.deadline = d;
+        self
+    }
+    /// Give up after `n` attempts even if the deadline is further (a bounded side job).
+    pub fn at_most_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
         self
     }
     /// Randomise each delay within [delay/2, delay] so many instances do not retry in step
@@ -146,7 +154,8 @@ impl Tries<'_> {
         let r = self.retry;
         let wait = r.delay(self.attempt);
         let elapsed = self.start.elapsed();
-        if elapsed + wait > r.deadline {
+        let last_attempt = r.max_attempts.is_some_and(|n| self.attempt >= n);
+        if last_attempt || elapsed + wait > r.deadline {
             return Err(RetryError::TimedOut {
                 last: e,
                 after: elapsed,
@@ -240,6 +249,25 @@ mod tests {
             .await;
         assert!(matches!(out, Err(RetryError::Failed("denied"))));
         assert_eq!(calls, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_its_attempts_before_the_deadline() {
+        let r = Retry::new("op")
+            .every(Duration::from_secs(1))
+            .for_at_most(Duration::from_secs(3600))
+            .at_most_attempts(3)
+            .quiet();
+        let start = Instant::now();
+        let out: Result<(), _> = r.run(|n| async move { Err(Attempt::Retry(n)) }).await;
+        match out {
+            Err(RetryError::TimedOut { last, attempts, .. }) => {
+                assert_eq!((last, attempts), (3, 3));
+            }
+            _ => panic!("expected to give up"),
+        }
+        // Waits of 1 s and 2 s between the three attempts, none after the last.
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]
