@@ -15,7 +15,7 @@ use super::{Slot, VolumeError};
 use crate::cloud::tags;
 use crate::cloud::{AttachmentState, Ec2, Identity, InstanceState, VolumeInfo, VolumeState};
 use crate::config;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// A volume of the pool that holds a state, with its slot.
 #[derive(Clone, Debug)]
@@ -29,8 +29,6 @@ pub struct Member {
 pub struct View {
     /// Usable: one state each, with a slot no older volume has; by slot.
     pub members: Vec<Member>,
-    /// Every slot in use (members, and volumes passed over that hold data).
-    pub slots: BTreeSet<u32>,
     /// What counts toward `volume.pool_max`: every volume that is or may be a state.
     pub count: usize,
     /// Volumes not taken, with why (said on the console).
@@ -90,7 +88,6 @@ pub fn sort_out(states: Vec<VolumeInfo>) -> View {
             view.passed_over.push((dup.id.clone(), why));
         }
         view.count += 1;
-        view.slots.insert(slot);
         view.members.push(Member {
             volume: first,
             slot,
@@ -99,9 +96,11 @@ pub fn sort_out(states: Vec<VolumeInfo>) -> View {
     view
 }
 
-/// The lowest slot no volume of the pool has.
+/// The lowest slot no volume of the pool has (a duplicate's slot is its member's).
 pub fn lowest_free_slot(view: &View) -> u32 {
-    (1..).find(|n| !view.slots.contains(n)).expect("unbounded")
+    (1..)
+        .find(|n| view.members.iter().all(|m| m.slot != *n))
+        .expect("unbounded")
 }
 
 /// Who holds a volume, as far as this instance is concerned.
