@@ -133,11 +133,7 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
                     "volume: pool {pool}: {id} (slot {}) was taken by {holder}; trying the next",
                     m.slot
                 );
-                self.volume_id = None;
-                self.info = None;
-                self.created = false;
-                self.modified = false;
-                self.attach_requested = false;
+                self.forget_volume();
                 Ok(false)
             }
             Err(e) => Err(e),

@@ -18,6 +18,13 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
     async fn let_go(&mut self, volume_id: &str) -> Result<(), VolumeError> {
         attach::detach(&*self.ec2, volume_id, &self.me, Duration::from_secs(60)).await?;
         crate::log!("volume: let go of {volume_id}");
+        self.forget_volume();
+        Ok(())
+    }
+
+    /// Forgets the chosen volume and the progress made on it (nothing was mounted), so the
+    /// next try, or the pool's next volume, starts from the choice.
+    pub(super) fn forget_volume(&mut self) {
         self.volume_id = None;
         self.info = None;
         self.created = false;
@@ -26,7 +33,6 @@ impl<E: Ec2, S: System> EbsVolume<E, S> {
         self.attach_requested = false;
         self.confirmed = false;
         self.device = None;
-        Ok(())
     }
 }
 
